@@ -1,0 +1,180 @@
+"""The discrete key-value bottleneck: fixed heads, C codebooks of key-value pairs, nearest-key lookup.
+
+Shape legend
+    B  batch                     D  input (embedding) size
+    C  codebooks (= heads)       K  keys per codebook
+    d  key size (d_key)          V  value size (d_value)
+    k  keys fetched per codebook (top-k, 1 by default)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avalanche_dkvb.validation import check_finite, check_positive_int
+
+HEAD_KINDS = ("random_projection", "chunk")
+VALUE_INITS = ("zeros", "normal")
+
+
+class KeyValueBottleneck(nn.Module):
+    """C codebooks of K (key, value) pairs behind C fixed heads.
+
+    Invariants: the head projection and the keys are buffers, never parameters, so no optimizer can
+    move them; keys change only through :mod:`avalanche_dkvb.key_init` and not at all after
+    :meth:`freeze_keys`. Values are the only parameters: ``values`` (C, K, V).
+
+    Training-mode forwards count how often each key was selected (``usage_counts`` (C, K)); eval-mode
+    forwards search only among keys selected at least once in training ("prune dormant keys"), per
+    codebook, once that codebook has any used key.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_codebooks: int = 256,
+        num_keys: int = 4096,
+        key_dim: int = 14,
+        value_dim: int = 10,
+        *,
+        heads: str = "random_projection",
+        top_k: int = 1,
+        value_init: str = "zeros",
+        value_init_std: float = 1e-3,
+        lookup_chunk_elements: int = 2**24,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        for name, size in [("input_dim", input_dim), ("num_codebooks", num_codebooks),
+                           ("num_keys", num_keys), ("key_dim", key_dim), ("value_dim", value_dim),
+                           ("top_k", top_k), ("lookup_chunk_elements", lookup_chunk_elements)]:
+            check_positive_int(name, size)
+        if heads not in HEAD_KINDS:
+            raise ValueError(f"heads must be one of {HEAD_KINDS}, got {heads!r}.")
+        if heads == "chunk" and input_dim != num_codebooks * key_dim:
+            raise ValueError(
+                f"heads='chunk' splits the input into num_codebooks pieces of key_dim, so it needs "
+                f"input_dim == num_codebooks * key_dim; got input_dim={input_dim}, "
+                f"num_codebooks * key_dim = {num_codebooks} * {key_dim} = {num_codebooks * key_dim}."
+            )
+        if top_k > num_keys:
+            raise ValueError(f"top_k must be at most num_keys={num_keys}, got top_k={top_k}.")
+        if value_init not in VALUE_INITS:
+            raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}.")
+
+        self.input_dim, self.num_codebooks, self.num_keys = input_dim, num_codebooks, num_keys
+        self.key_dim, self.value_dim, self.top_k, self.heads = key_dim, value_dim, top_k, heads
+        self.lookup_chunk_elements = lookup_chunk_elements
+
+        if heads == "random_projection":
+            projection = torch.randn(num_codebooks, input_dim, key_dim, generator=generator)
+            self.register_buffer("projection", F.normalize(projection, dim=1))  # (C, D, d), unit columns
+        else:
+            self.register_buffer("projection", None)
+        self.register_buffer("keys", torch.randn(num_codebooks, num_keys, key_dim, generator=generator))
+        self.register_buffer("usage_counts", torch.zeros(num_codebooks, num_keys, dtype=torch.long))
+        self.register_buffer("keys_frozen", torch.tensor(False))
+        values = torch.zeros(num_codebooks, num_keys, value_dim)
+        if value_init == "normal":
+            values.normal_(0.0, value_init_std, generator=generator)
+        self.values = nn.Parameter(values)  # (C, K, V)
+
+    # -- state -------------------------------------------------------------------------------
+    def freeze_keys(self) -> None:
+        """Freeze the keys for good and reset usage counters (call after key initialisation)."""
+        self.keys_frozen.fill_(True)
+        self.reset_usage()
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    def set_keys(self, keys: torch.Tensor) -> None:
+        """Overwrite the keys (C, K, d); refused once the keys are frozen."""
+        if bool(self.keys_frozen):
+            raise RuntimeError("The keys are frozen; they cannot change after freeze_keys().")
+        expected = (self.num_codebooks, self.num_keys, self.key_dim)
+        if tuple(keys.shape) != expected:
+            raise ValueError(f"keys must have shape (C, K, d) = {expected}, got {tuple(keys.shape)}.")
+        check_finite("keys", keys)
+        self.keys.copy_(keys)
+
+    # -- lookup ------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Heads: (B, D) -> (B, C, d)."""
+        if x.dim() != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(
+                f"Expected embeddings of shape (batch, {self.input_dim}), got {tuple(x.shape)}."
+            )
+        check_finite("input embeddings", x)
+        x = x.to(self.keys.dtype)
+        if self.projection is None:
+            return x.view(x.shape[0], self.num_codebooks, self.key_dim)
+        return torch.einsum("bD,cDd->bcd", x, self.projection)
+
+    @torch.no_grad()
+    def nearest_keys(self, heads: torch.Tensor, only_used: bool = False) -> torch.Tensor:
+        """Indices of the top-k nearest keys (squared L2) per codebook: (B, C, d) -> (B, C, k).
+
+        The search is one batched product of [z, 1] with [-2 key, |key|^2] per codebook, over
+        batch chunks of at most ``lookup_chunk_elements`` scores, never a (B, C, K, d) tensor.
+        With ``only_used``, keys never selected in training are excluded (per codebook, once any
+        key of that codebook has been used).
+        """
+        keys_aug = torch.cat([-2 * self.keys, self.keys.square().sum(-1, keepdim=True)], dim=-1)
+        keys_aug = keys_aug.transpose(1, 2)  # (C, d+1, K)
+        penalty = None
+        if only_used:
+            used = self.usage_counts > 0  # (C, K)
+            dormant = ~used & used.any(dim=1, keepdim=True)
+            penalty = torch.zeros_like(dormant, dtype=keys_aug.dtype).masked_fill_(dormant, math.inf)
+        chunk = max(1, self.lookup_chunk_elements // (self.num_codebooks * self.num_keys))
+        out = torch.empty(heads.shape[0], self.num_codebooks, self.top_k, dtype=torch.long,
+                          device=heads.device)
+        ones = heads.new_ones(1, 1, 1)
+        for start in range(0, heads.shape[0], chunk):
+            z = heads[start:start + chunk].transpose(0, 1)  # (C, b, d)
+            z_aug = torch.cat([z, ones.expand(self.num_codebooks, z.shape[1], 1)], dim=-1)
+            scores = torch.bmm(z_aug, keys_aug)  # (C, b, K): |key|^2 - 2 z.key
+            if penalty is not None:
+                scores += penalty.unsqueeze(1)
+            if self.top_k == 1:
+                idx = scores.argmin(dim=-1, keepdim=True)
+            else:
+                idx = scores.topk(self.top_k, dim=-1, largest=False).indices
+            out[start:start + chunk] = idx.transpose(0, 1)
+        return out
+
+    def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
+        """Rows of ``values.view(C*K, V)`` selected by each input: (B, D) -> (B, C*k)."""
+        idx = self.nearest_keys(self.project(x), only_used=only_used)  # (B, C, k)
+        offsets = torch.arange(self.num_codebooks, device=idx.device).view(1, -1, 1) * self.num_keys
+        return (idx + offsets).flatten(1)
+
+    def count_usage(self, flat_idx: torch.Tensor) -> None:
+        """Add one selection of each row in ``flat_idx`` (any shape) to the usage counters."""
+        self.usage_counts.view(-1).add_(torch.bincount(flat_idx.flatten(), minlength=self.usage_counts.numel()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fetched values per codebook, averaged over the top-k keys: (B, D) -> (B, C, V)."""
+        flat_idx = self.flat_indices(x, only_used=not self.training)
+        if self.training:
+            self.count_usage(flat_idx)
+        fetched = self.values.view(-1, self.value_dim)[flat_idx]  # (B, C*k, V)
+        return fetched.view(x.shape[0], self.num_codebooks, self.top_k, self.value_dim).mean(2)
+
+    @torch.no_grad()
+    def quantization_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance from each head to its nearest key (scalar)."""
+        heads = self.project(x)  # (B, C, d)
+        idx = self.nearest_keys(heads)[..., 0]  # (B, C)
+        nearest = self.keys[torch.arange(self.num_codebooks, device=idx.device), idx]  # (B, C, d)
+        return (heads - nearest).square().sum(-1).mean()
+
+    def extra_repr(self) -> str:
+        return (f"input_dim={self.input_dim}, num_codebooks={self.num_codebooks}, "
+                f"num_keys={self.num_keys}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+                f"heads={self.heads!r}, top_k={self.top_k}")

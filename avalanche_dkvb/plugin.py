@@ -1,0 +1,103 @@
+"""The Avalanche plugin: key initialisation, freezing, values-only optimisation."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader, Dataset
+
+from avalanche_dkvb.key_init import init_keys
+from avalanche_dkvb.model import DKVBModel
+
+
+def check_local_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError if ``optimizer`` can move parameters that received no gradient.
+
+    Only plain SGD (momentum 0, weight decay 0) leaves the values of unselected keys exactly
+    unchanged; momentum, weight decay and Adam-style moments all move them.
+    """
+    reasons = []
+    if not isinstance(optimizer, torch.optim.SGD):
+        reasons.append(f"{type(optimizer).__name__} keeps per-parameter state (moments) that keeps "
+                       "moving values after their gradient is zero")
+    for i, group in enumerate(optimizer.param_groups):
+        for option in ("momentum", "weight_decay"):
+            if group.get(option, 0):
+                reasons.append(f"param group {i} has {option}={group[option]}")
+    if reasons:
+        raise ValueError(
+            "DKVB updates only the values of the keys an input selects, which needs an optimizer that "
+            "leaves parameters with zero gradient unchanged: " + "; ".join(reasons) + ". Expected "
+            "torch.optim.SGD with momentum=0 and weight_decay=0, or pass allow_nonlocal_optimizer=True "
+            "to accept non-local updates."
+        )
+
+
+class DKVBPlugin(SupervisedPlugin):
+    """Prepares a :class:`DKVBModel` for continual training inside any Avalanche strategy.
+
+    Before the first training experience: initialises the keys on ``init_data`` (unlabelled model
+    inputs: a tensor (N, ...) or a dataset whose items are ``x`` or ``(x, ...)``; if ``None``, the
+    first experience's inputs, with a warning), freezes encoder, projection and keys, and resets
+    the usage counters. Before every training experience: restricts the strategy's optimizer to
+    the trainable parameters (the values, plus a parametric decoder's) and checks it is local.
+    """
+
+    def __init__(self, init_data: torch.Tensor | Dataset | None = None, *, key_init: str = "ema",
+                 key_init_kwargs: dict | None = None, allow_nonlocal_optimizer: bool = False,
+                 embed_batch_size: int = 1024):
+        super().__init__()
+        self.init_data = init_data
+        self.key_init = key_init
+        self.key_init_kwargs = dict(key_init_kwargs or {})
+        self.allow_nonlocal_optimizer = allow_nonlocal_optimizer
+        self.embed_batch_size = embed_batch_size
+
+    def before_training_exp(self, strategy, **kwargs):
+        model = strategy.model
+        if not isinstance(model, DKVBModel):
+            raise TypeError(f"DKVBPlugin needs the strategy's model to be a DKVBModel, got {type(model).__name__}.")
+        if not bool(model.bottleneck.keys_frozen):
+            self._initialise_keys(model, strategy)
+        self._restrict_optimizer(strategy, model)
+
+    def _initialise_keys(self, model: DKVBModel, strategy) -> None:
+        data = self.init_data
+        if data is None:
+            warnings.warn(
+                "DKVBPlugin got no init_data: initialising the keys on the first experience's inputs. "
+                "The paper initialises them on a different, unlabelled data set; pass init_data=...",
+                stacklevel=2,
+            )
+            data = strategy.experience.dataset.eval()
+        embeddings = self._embed(model, data, strategy.device)
+        init_keys(model.bottleneck, embeddings, self.key_init, **self.key_init_kwargs)
+        model.bottleneck.freeze_keys()
+
+    @torch.no_grad()
+    def _embed(self, model: DKVBModel, data, device) -> torch.Tensor:
+        """The encoder's embeddings (N, D) of ``data``, computed in batches."""
+        if isinstance(data, torch.Tensor):
+            batches = data.split(self.embed_batch_size)
+        else:
+            batches = (b[0] if isinstance(b, (tuple, list)) else b
+                       for b in DataLoader(data, batch_size=self.embed_batch_size))
+        return torch.cat([model.embed(b.to(device)) for b in batches])
+
+    def _restrict_optimizer(self, strategy, model: DKVBModel) -> None:
+        optimizer = strategy.optimizer
+        if len(optimizer.param_groups) != 1:
+            raise ValueError(f"DKVBPlugin expects an optimizer with one parameter group, got "
+                             f"{len(optimizer.param_groups)}.")
+        trainable = model.trainable_parameters()
+        kept = {id(p) for p in trainable.values()}
+        for p in optimizer.param_groups[0]["params"]:
+            if id(p) not in kept:
+                optimizer.state.pop(p, None)
+        optimizer.param_groups[0]["params"] = list(trainable.values())
+        if hasattr(strategy, "optimized_param_id"):
+            strategy.optimized_param_id = trainable  # keeps Avalanche's update_optimizer consistent
+        if not self.allow_nonlocal_optimizer:
+            check_local_optimizer(optimizer)
