@@ -1,0 +1,48 @@
+"""Image sets by name: ``load_image_set("cifar10", "train", root)``.
+
+Every dataset lives in its own folder under one data root (default
+``<repo>/data``)::
+
+    cifar10        root/cifar-10-batches-py/   official python pickles
+    cifar10_jpeg   root/cifar10-jpeg/          train|test/<class>/*.jpg
+    cifar100       root/cifar-100-python/      official python pickles
+    tiny_imagenet  root/tiny-imagenet-200/     official folder layout
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from avalanche_dkvb.data.archive import DEFAULT_DATA_ROOT
+from avalanche_dkvb.data.cifar import load_cifar10, load_cifar100
+from avalanche_dkvb.data.image_folder import load_cifar10_jpeg
+from avalanche_dkvb.data.image_set import ImageSet, Transform
+from avalanche_dkvb.data.tiny_imagenet import load_tiny_imagenet
+
+__all__ = ["IMAGE_SETS", "load_image_set"]
+
+IMAGE_SETS: dict[str, Callable[..., ImageSet]] = {
+    "cifar10": load_cifar10,
+    "cifar10_jpeg": load_cifar10_jpeg,
+    "cifar100": load_cifar100,
+    "tiny_imagenet": load_tiny_imagenet,
+}
+"""Loader of each image set: ``loader(root, split, *, download, transform) -> ImageSet``."""
+
+
+def load_image_set(
+    name: str,
+    split: str,
+    root: str | Path = DEFAULT_DATA_ROOT,
+    download: bool = False,
+    transform: Transform | None = None,
+) -> ImageSet:
+    """Load ``split`` ("train" or "test") of the image set ``name`` (a key of ``IMAGE_SETS``).
+
+    ``download``: fetch missing data (official download for cifar10/cifar100/
+    tiny_imagenet, extraction of the local archive for cifar10_jpeg/tiny_imagenet).
+    """
+    if name not in IMAGE_SETS:
+        raise ValueError(f"unknown image set {name!r}: expected one of {', '.join(IMAGE_SETS)}")
+    return IMAGE_SETS[name](root, split, download=download, transform=transform)
