@@ -45,7 +45,7 @@ class KeyValueBottleneck(nn.Module):
         top_k: int = 1,
         value_init: str = "zeros",
         value_init_std: float = 1e-3,
-        lookup_chunk_elements: int = 2**24,
+        lookup_chunk_elements: int = 2**20,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -119,34 +119,34 @@ class KeyValueBottleneck(nn.Module):
     def nearest_keys(self, heads: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Indices of the top-k nearest keys (squared L2) per codebook: (B, C, d) -> (B, C, k).
 
-        The search is one batched product of [z, 1] with [-2 key, |key|^2] per codebook, over
-        batch chunks of at most ``lookup_chunk_elements`` scores, never a (B, C, K, d) tensor.
-        With ``only_used``, keys never selected in training are excluded (per codebook, once any
-        key of that codebook has been used).
+        The search is a batched product of [z, 1] with [-2 key, |key|^2] per codebook, in blocks of
+        codebooks x samples holding at most ``lookup_chunk_elements`` scores, so each block stays in
+        cache and there is never a (B, C, K, d) tensor. With ``only_used``, keys never selected in
+        training are excluded (per codebook, once any key of that codebook has been used).
         """
+        C, K = self.num_codebooks, self.num_keys
         keys_aug = torch.cat([-2 * self.keys, self.keys.square().sum(-1, keepdim=True)], dim=-1)
-        keys_aug = keys_aug.transpose(1, 2)  # (C, d+1, K)
-        penalty = None
+        keys_aug = keys_aug.transpose(1, 2).contiguous()  # (C, d+1, K)
         if only_used:
             used = self.usage_counts > 0  # (C, K)
             dormant = ~used & used.any(dim=1, keepdim=True)
             penalty = torch.zeros_like(dormant, dtype=keys_aug.dtype).masked_fill_(dormant, math.inf)
-        chunk = max(1, self.lookup_chunk_elements // (self.num_codebooks * self.num_keys))
-        out = torch.empty(heads.shape[0], self.num_codebooks, self.top_k, dtype=torch.long,
-                          device=heads.device)
-        ones = heads.new_ones(1, 1, 1)
-        for start in range(0, heads.shape[0], chunk):
-            z = heads[start:start + chunk].transpose(0, 1)  # (C, b, d)
-            z_aug = torch.cat([z, ones.expand(self.num_codebooks, z.shape[1], 1)], dim=-1)
-            scores = torch.bmm(z_aug, keys_aug)  # (C, b, K): |key|^2 - 2 z.key
-            if penalty is not None:
-                scores += penalty.unsqueeze(1)
-            if self.top_k == 1:
-                idx = scores.argmin(dim=-1, keepdim=True)
-            else:
-                idx = scores.topk(self.top_k, dim=-1, largest=False).indices
-            out[start:start + chunk] = idx.transpose(0, 1)
-        return out
+        heads_aug = torch.cat([heads, heads.new_ones(*heads.shape[:2], 1)], dim=-1).transpose(0, 1).contiguous()
+        batch_block = max(1, min(heads.shape[0], self.lookup_chunk_elements // K))
+        codebook_block = max(1, self.lookup_chunk_elements // (batch_block * K))
+        out = torch.empty(C, heads.shape[0], self.top_k, dtype=torch.long, device=heads.device)
+        for c in range(0, C, codebook_block):
+            cs = slice(c, c + codebook_block)
+            for b in range(0, heads.shape[0], batch_block):
+                bs = slice(b, b + batch_block)
+                scores = torch.bmm(heads_aug[cs, bs], keys_aug[cs])  # (c, b, K): |key|^2 - 2 z.key
+                if only_used:
+                    scores += penalty[cs].unsqueeze(1)
+                if self.top_k == 1:
+                    out[cs, bs] = scores.argmin(dim=-1, keepdim=True)
+                else:
+                    out[cs, bs] = scores.topk(self.top_k, dim=-1, largest=False).indices
+        return out.transpose(0, 1)
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Rows of ``values.view(C*K, V)`` selected by each input: (B, D) -> (B, C*k)."""

@@ -9,7 +9,7 @@ mean cross-entropy (label smoothing s) and plain SGD (lr), one step on a batch o
     values[row] -= lr * g / (C*k)  for every selected row        sparse update (index_add_)
 
 which is exactly the gradient autograd would compute through the mean decoder, applied by SGD, so
-only the selected rows change. Gradient clipping never acts here: the whole gradient's norm is at
+only the selected rows change. The step is fused by ``torch.compile`` (eager where unavailable). Gradient clipping never acts here: the whole gradient's norm is at
 most sqrt(2 / (C*k)) (each sample's g has norm <= sqrt(2)/b, shared over C*k rows), so the fast
 path is only taken when the clip threshold is at least that bound.
 
@@ -19,6 +19,7 @@ Shape legend: N samples, b batch, C codebooks, K keys, k top-k, V value size (= 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,21 +61,33 @@ _ITERATION_HOOKS = ("before_training_iteration", "before_forward", "after_forwar
 
 
 def _has_iteration_hooks(plugin) -> bool:
-    """True if the plugin overrides a per-iteration training callback (evaluation plugins excepted:
-    in the fast path training-minibatch metrics are simply not reported)."""
-    from avalanche.core import BasePlugin
+    """True if the plugin overrides a per-iteration training callback. Excepted: evaluation plugins
+    (in the fast path training-minibatch metrics are simply not reported), Avalanche's Clock (its
+    iteration counters do not advance) and PeriodicEval unless it evaluates every N iterations.
+
+    The iteration hooks' no-op defaults live on ``BaseSGDPlugin`` (``BasePlugin`` has none), so a
+    hook counts as overridden when the plugin's class has it and it is not that default."""
+    from avalanche.core import BaseSGDPlugin
     from avalanche.training.plugins import EvaluationPlugin
-    if isinstance(plugin, EvaluationPlugin):
+    from avalanche.training.plugins.clock import Clock
+    from avalanche.training.templates.base_sgd import PeriodicEval
+    if isinstance(plugin, (EvaluationPlugin, Clock)):
         return False
-    return any(getattr(type(plugin), hook, None) is not getattr(BasePlugin, hook, None)
-               for hook in _ITERATION_HOOKS if hasattr(BasePlugin, hook))
+    if isinstance(plugin, PeriodicEval):
+        return plugin.peval_mode == "iteration" and plugin.eval_every > 0
+    for hook in _ITERATION_HOOKS:
+        method = getattr(type(plugin), hook, None)
+        if method is not None and method is not getattr(BaseSGDPlugin, hook, None):
+            return True
+    return False
 
 
 class CachedIndexTrainer:
     """Holds one experience's selected rows (N, C*k) and targets (N,), and runs SGD epochs on them."""
 
-    def __init__(self, model: DKVBModel, dataset, batch_size: int, device):
+    def __init__(self, model: DKVBModel, dataset, batch_size: int, device, compiled: bool = True):
         self.model = model
+        self.step = compiled_sgd_step() if compiled else sgd_step
         rows, targets = [], []
         with torch.no_grad():  # the training lookup searches all keys, dormant or not
             for x, y, *_ in DataLoader(dataset, batch_size=max(batch_size, 1024)):
@@ -88,18 +101,45 @@ class CachedIndexTrainer:
     @torch.no_grad()
     def run_epoch(self, lr: float, label_smoothing: float, shuffle: bool = True) -> float:
         """One epoch of SGD steps over the cached rows; returns the mean training loss."""
-        values = self.model.bottleneck.values.view(-1, self.model.bottleneck.value_dim)  # (C*K, V)
-        num_rows, num_classes = self.rows.shape[1], values.shape[1]
+        values = self.model.bottleneck.values.detach().view(-1, self.model.bottleneck.value_dim)  # (C*K, V), shares storage
+        lr_t, smoothing_t = torch.tensor(lr), torch.tensor(label_smoothing)  # tensors: no recompiles
         order = torch.randperm(len(self.targets), device=self.rows.device) if shuffle else None
         total_loss = 0.0
         for start in range(0, len(self.targets), self.batch_size):
             sel = order[start:start + self.batch_size] if shuffle else slice(start, start + self.batch_size)
-            rows, y = self.rows[sel], self.targets[sel]  # (b, C*k), (b,)
-            logits = F.embedding_bag(rows, values, mode="mean")  # (b, V)
-            log_p = logits.log_softmax(dim=1)
-            target = F.one_hot(y, num_classes).to(logits.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
-            total_loss -= float((target * log_p).sum())
-            grad = (log_p.exp() - target) * (-lr / (len(y) * num_rows))  # -lr * dLoss/drow, (b, V)
-            values.index_add_(0, rows.flatten(), grad.repeat_interleave(num_rows, dim=0))
+            total_loss += float(self.step(values, self.rows[sel], self.targets[sel], lr_t, smoothing_t))
         self.model.bottleneck.usage_counts.view(-1).add_(self.epoch_counts)
         return total_loss / len(self.targets)
+
+
+def sgd_step(values: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, lr: torch.Tensor,
+             label_smoothing: torch.Tensor) -> torch.Tensor:
+    """One exact SGD step on ``values`` (C*K, V) in place for a batch of selected rows (b, C*k) and
+    labels (b,); returns the batch's summed cross-entropy (with label smoothing)."""
+    b, num_rows = rows.shape
+    num_classes = values.shape[1]
+    log_p = values[rows].mean(1).log_softmax(dim=1)  # (b, V)
+    target = F.one_hot(y, num_classes).to(log_p.dtype) * (1 - label_smoothing) + label_smoothing / num_classes
+    grad = (log_p.exp() - target) * (-lr / (b * num_rows))  # -lr * dLoss/drow, (b, V)
+    values.index_add_(0, rows.flatten(), grad.repeat_interleave(num_rows, dim=0))
+    return -(target * log_p).sum()
+
+
+_compiled_step = None
+
+
+def compiled_sgd_step():
+    """:func:`sgd_step` fused by ``torch.compile`` into one loop (about 15x faster on CPU), or the
+    eager function, with a warning, where compilation is unavailable."""
+    global _compiled_step
+    if _compiled_step is None:
+        try:
+            candidate = torch.compile(sgd_step, dynamic=False)
+            probe = torch.zeros(4, 2)
+            candidate(probe, torch.tensor([[0, 1]]), torch.tensor([1]), torch.tensor(0.1), torch.tensor(0.0))
+            _compiled_step = candidate
+        except Exception as error:  # no C++ compiler, unsupported platform, ...
+            warnings.warn(f"torch.compile of the DKVB fast step failed ({type(error).__name__}: {error}); "
+                          "using the eager step, which is slower but gives the same results.", stacklevel=2)
+            _compiled_step = sgd_step
+    return _compiled_step

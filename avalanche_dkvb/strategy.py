@@ -14,6 +14,8 @@ from avalanche_dkvb.fast_path import CachedIndexTrainer, fast_path_blocker
 from avalanche_dkvb.model import DKVBModel
 from avalanche_dkvb.plugin import DKVBPlugin
 
+FAST_PATH_MODES = ("compiled", "eager", "off")
+
 
 class DKVB(SupervisedTemplate):
     """Discrete Key-Value Bottleneck training, used like Avalanche's Naive/EWC/Replay.
@@ -23,13 +25,14 @@ class DKVB(SupervisedTemplate):
     smoothing 0.1. A :class:`DKVBPlugin` is added (unless one is passed) to initialise the keys on
     ``init_data`` and freeze them before the first experience.
 
-    With ``fast_path=True`` (default) and an eligible setup (mean decoder, plain SGD, plain
+    With ``fast_path="compiled"`` (default) or ``"eager"`` and an eligible setup (mean decoder, plain SGD, plain
     cross-entropy, no plugin needing per-iteration callbacks) each experience's key indices are
     computed once and every epoch is a sequence of gather + sparse value updates (see
     :mod:`avalanche_dkvb.fast_path`). Epoch and experience callbacks still fire; per-iteration
     callbacks (training-minibatch metrics) do not. Indices are computed on the experience without
-    training augmentations (the paper embeds each image once); pass ``fast_path=False`` to train
-    with augmentations. Otherwise the standard Avalanche loop runs.
+    training augmentations (the paper embeds each image once); pass ``fast_path="off"`` to train
+    with augmentations. With ``fast_path="off"``, or an ineligible setup (with a warning naming the
+    reason), the standard Avalanche loop runs.
     """
 
     def __init__(
@@ -52,10 +55,12 @@ class DKVB(SupervisedTemplate):
         key_init: str = "ema",
         key_init_kwargs: dict | None = None,
         allow_nonlocal_optimizer: bool = False,
-        fast_path: bool = True,
+        fast_path: str = "compiled",
     ):
         if not isinstance(model, DKVBModel):
             raise TypeError(f"DKVB needs a DKVBModel, got {type(model).__name__}.")
+        if fast_path not in FAST_PATH_MODES:
+            raise ValueError(f"fast_path must be one of {FAST_PATH_MODES}, got {fast_path!r}.")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}.")
         optimizer = optimizer or torch.optim.SGD([model.bottleneck.values], lr=lr)
@@ -74,11 +79,12 @@ class DKVB(SupervisedTemplate):
     def _before_training_exp(self, **kwargs):
         super()._before_training_exp(**kwargs)  # plugins: key init, freezing, values-only optimizer
         self._index_trainer = None
-        if self.fast_path:
+        if self.fast_path != "off":
             blocker = fast_path_blocker(self)
             if blocker is None:
                 self._index_trainer = CachedIndexTrainer(self.model, self.adapted_dataset.eval(),
-                                                         self.train_mb_size, self.device)
+                                                         self.train_mb_size, self.device,
+                                                         compiled=self.fast_path == "compiled")
             else:
                 warnings.warn(f"DKVB fast path off for this experience: {blocker}.", stacklevel=2)
 

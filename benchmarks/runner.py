@@ -54,9 +54,9 @@ class RunResult:
         }
 
 
-def _class_accuracies(metrics: dict) -> dict[int, float]:
-    prefix = f"Top1_ClassAcc_Stream/{STREAM}/Task000/"
-    return {int(k[len(prefix):]): v for k, v in metrics.items() if k.startswith(prefix)}
+def _by_last_component(metrics: dict, prefix: str) -> dict[str, float]:
+    """Metrics named ``prefix/[TaskNNN/]LAST`` keyed by LAST (task-aware streams add TaskNNN)."""
+    return {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
 
 
 def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
@@ -74,8 +74,9 @@ def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
         strategy.train(experience)
         train_seconds += time.perf_counter() - start
         metrics = strategy.eval(test_stream)
-        matrix[i] = [metrics[f"Top1_Acc_Exp/{STREAM}/Exp{j:03d}"] for j in range(len(test_stream))]
-        per_class = _class_accuracies(metrics)
+        per_exp = _by_last_component(metrics, f"Top1_Acc_Exp/{STREAM}")
+        matrix[i] = [per_exp[f"Exp{j:03d}"] for j in range(len(test_stream))]
+        per_class = {int(c): v for c, v in _by_last_component(metrics, f"Top1_ClassAcc_Stream/{STREAM}").items()}
         class_balanced[i] = np.mean(list(per_class.values()))
         seen = [c for classes in exp_classes[:i + 1] for c in classes]
         seen_class_balanced[i] = np.mean([per_class[c] for c in seen])

@@ -2,7 +2,7 @@
 
 Setting (../shared/reference): 4 stages x 2 classes, 100 training points per class per stage,
 Gaussian clusters (std 0.035), 1000 full-batch steps per stage. Linear probe (Adam lr 1e-2) and MLP
-2-32-8 (Adam lr 1e-3) are Avalanche ``Naive``; DKVB has 20 codebooks x 20 keys behind random 2->2
+2-32-8 (Adam lr 1e-3) are Avalanche ``Naive`` (minibatches sliced from in-memory tensors); DKVB has 20 codebooks x 20 keys behind random 2->2
 projections, keys initialised by EMA on 100 uniform points of [0, 1]^2 for 1000 passes, values
 starting at 0.001 * randn, values-only SGD (lr 0.3, no momentum) through the DKVB strategy.
 """
@@ -21,6 +21,7 @@ from avalanche.training import Naive  # noqa: E402
 from torch import nn  # noqa: E402
 
 from avalanche_dkvb import DKVB, create_dkvb_model  # noqa: E402
+from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin  # noqa: E402
 from avalanche_dkvb.data.toy2d import NUM_CLASSES, toy2d_benchmark, uniform_unit_square  # noqa: E402
 from benchmarks.outputs import atomic_savefig  # noqa: E402
 
@@ -39,7 +40,8 @@ def _dkvb(evaluator, seed: int):
 def _naive(model: nn.Module, lr: float, evaluator):
     return Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr),
                  criterion=nn.CrossEntropyLoss(), train_mb_size=FULL_BATCH,
-                 train_epochs=STEPS_PER_STAGE, eval_mb_size=4096, evaluator=evaluator)
+                 train_epochs=STEPS_PER_STAGE, eval_mb_size=4096, evaluator=evaluator,
+                 plugins=[InMemoryBatchesPlugin()])
 
 
 METHODS = {

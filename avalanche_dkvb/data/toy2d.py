@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-from avalanche.benchmarks.utils import DataAttribute
-from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
-from torch.utils.data import TensorDataset
+
+from avalanche_dkvb.data.streams import make_class_incremental_benchmark
 
 # stage -> ((class, centre), (class, centre))
 STAGES = (
@@ -31,14 +29,12 @@ def sample_stage(stage: int, per_class: int, generator: torch.Generator) -> tupl
 def toy2d_benchmark(seed: int = 0, train_per_class: int = 100, test_per_class: int = 100):
     """An Avalanche class-incremental benchmark of 4 experiences (the seeds' stages, in order)."""
     generator = torch.Generator().manual_seed(seed)
-    datasets = {}
-    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
-        x, y = map(torch.cat, zip(*(sample_stage(stage, per_class, generator) for stage in range(len(STAGES)))))
-        task_labels = DataAttribute([0] * len(y), "targets_task_labels", use_in_getitem=True)
-        datasets[name] = ClassificationDataset(
-            [TensorDataset(x, y)], data_attributes=[DataAttribute(y.tolist(), "targets"), task_labels])
+    train, test = ([sample_stage(stage, per_class, generator) for stage in range(len(STAGES))]
+                   for per_class in (train_per_class, test_per_class))
+    (train_x, train_y), (test_x, test_y) = (map(torch.cat, zip(*split)) for split in (train, test))
     class_order = [label for stage in STAGES for label, _ in stage]
-    return class_incremental_benchmark(datasets, class_order=class_order, num_experiences=len(STAGES))
+    return make_class_incremental_benchmark(train_x, train_y, test_x, test_y, n_experiences=len(STAGES),
+                                            seed=seed, class_order=class_order)
 
 
 def uniform_unit_square(num_points: int, seed: int = 0) -> torch.Tensor:
