@@ -1,12 +1,15 @@
 """Closed-form class-incremental baselines on cached embeddings.
 
-Both are Avalanche strategies (``SupervisedTemplate`` subclasses without an
-optimizer, like ``avalanche.training.StreamingLDA``): one pass per
-experience, exact order-independent statistics.
+All are Avalanche strategies (``SupervisedTemplate`` subclasses without an
+optimizer, like ``avalanche.training.StreamingLDA``), one pass per experience:
+nearest class mean and random projection + ridge keep exact, order-independent
+statistics; batched streaming LDA reproduces Avalanche's (order-dependent)
+streaming covariance update exactly, a minibatch at a time.
 """
 
 from .ncm import NearestClassMean, NearestClassMeanClassifier
 from .ridge import RIDGE_GRID, RandomProjectionRidge, RandomProjectionRidgeClassifier
+from .slda import BatchedStreamingLDA, BatchedStreamingLDAClassifier
 
 __all__ = [
     "NearestClassMean",
@@ -14,4 +17,6 @@ __all__ = [
     "RandomProjectionRidge",
     "RandomProjectionRidgeClassifier",
     "RIDGE_GRID",
+    "BatchedStreamingLDA",
+    "BatchedStreamingLDAClassifier",
 ]
