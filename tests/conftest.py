@@ -1,0 +1,60 @@
+"""Shared fixtures for the DKVB tests: one CPU thread, a small 2D class-incremental stream, small models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # 2 cores shared with other workers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_seeded():
+    """One torch thread even if a test (e.g. the CLI) changed it; a fixed global seed so results do
+    not depend on which tests ran before (DKVB_TEST_SEED overrides it, to check robustness)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(int(os.environ.get("DKVB_TEST_SEED", "0")))
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def toy_stream():
+    """The seeds' 2D stream (4 experiences x 2 classes), 20 training / 20 test points per class."""
+    from avalanche_dkvb.data.toy2d import toy2d_benchmark
+    return toy2d_benchmark(seed=0, train_per_class=20, test_per_class=20)
+
+
+@pytest.fixture
+def quiet_evaluator():
+    """Factory: an EvaluationPlugin with stream/experience accuracy and no loggers."""
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    def make(loggers=None):
+        return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=loggers or [])
+    return make
+
+
+@pytest.fixture
+def make_model():
+    """Factory: a small DKVB model for the 2D stream (8 classes, 4 codebooks x 16 keys of size 2),
+    values 1e-3 * randn so that 'unchanged' is not trivially 'still zero'."""
+    from avalanche_dkvb import create_dkvb_model
+
+    def make(seed=0, **kwargs):
+        options = dict(num_codebooks=4, num_keys=16, key_dim=2, value_init="normal",
+                       generator=torch.Generator().manual_seed(seed))
+        options.update(kwargs)
+        input_dim = options.pop("input_dim", 2)
+        return create_dkvb_model(input_dim, 8, **options)
+    return make
+
+
+@pytest.fixture
+def init_data():
+    """Unlabelled key-initialisation inputs: uniform points of [0, 1]^2."""
+    from avalanche_dkvb.data.toy2d import uniform_unit_square
+    return uniform_unit_square(256, seed=1)
