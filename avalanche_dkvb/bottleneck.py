@@ -122,7 +122,8 @@ class KeyValueBottleneck(nn.Module):
         The search is a batched product of [z, 1] with [-2 key, |key|^2] per codebook, in blocks of
         codebooks x samples holding at most ``lookup_chunk_elements`` scores, so each block stays in
         cache and there is never a (B, C, K, d) tensor. With ``only_used``, keys never selected in
-        training are excluded (per codebook, once any key of that codebook has been used).
+        training are excluded (per codebook, once any key of that codebook has been used); a codebook
+        with fewer than k used keys repeats its nearest used key.
         """
         C, K = self.num_codebooks, self.num_keys
         keys_aug = torch.cat([-2 * self.keys, self.keys.square().sum(-1, keepdim=True)], dim=-1)
@@ -144,8 +145,9 @@ class KeyValueBottleneck(nn.Module):
                     scores += penalty[cs].unsqueeze(1)
                 if self.top_k == 1:
                     out[cs, bs] = scores.argmin(dim=-1, keepdim=True)
-                else:
-                    out[cs, bs] = scores.topk(self.top_k, dim=-1, largest=False).indices
+                else:  # with fewer used keys than top_k, repeat the nearest used one, never a dormant key
+                    nearest, idx = scores.topk(self.top_k, dim=-1, largest=False)
+                    out[cs, bs] = torch.where(torch.isinf(nearest), idx[..., :1], idx)
         return out.transpose(0, 1)
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
