@@ -1,0 +1,120 @@
+"""Real-image class-incremental benchmarks on cached embeddings of a frozen pre-trained encoder.
+
+Every method and seed of a run shares the same embeddings (computed once, cached on disk); the
+seed sets the class order (fixed 0..n-1 for seed 0, shuffled otherwise) and the methods' RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
+
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
+from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+from benchmarks.methods import METHODS, MethodSettings
+from benchmarks.outputs import ResultsWriter
+from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
+from benchmarks.runner import make_evaluator, run_stream
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """An image set split into class-incremental experiences, and the different, unlabelled image
+    set whose embeddings initialise DKVB's keys."""
+
+    image_set: str
+    key_init_set: str
+
+
+BENCHMARKS = {
+    "split_cifar10": BenchmarkSpec("cifar10", "tiny_imagenet"),
+    "split_cifar10_jpeg": BenchmarkSpec("cifar10_jpeg", "tiny_imagenet"),
+    "split_cifar100": BenchmarkSpec("cifar100", "cifar10"),
+    "split_tinyimagenet": BenchmarkSpec("tiny_imagenet", "cifar10_jpeg"),
+}
+
+QUICK = {"epochs": 5, "key_init_epochs": 1, "train_per_class": 20, "test_per_class": 10, "key_init_per_class": 10,
+         "seeds": [0]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("real-image benchmarks (--benchmark other than toy2d)")
+    g.add_argument("--encoder", default="tf_efficientnet_lite0", help="encoder name (avalanche_dkvb.encoders)")
+    g.add_argument("--weights", default="default", help="'default', 'none' (random init) or a checkpoint path")
+    g.add_argument("--image-size", type=int, default=None, help="override the encoder's input resolution")
+    g.add_argument("--data-root", type=Path, default=None, help="folder holding the data sets")
+    g.add_argument("--cache-root", type=Path, default=None, help="embedding cache folder")
+    g.add_argument("--download", action="store_true", help="download or extract missing data")
+    g.add_argument("--experiences", type=int, default=None, help="number of experiences")
+    g.add_argument("--key-init-set", default=None, help="image set for DKVB's key initialisation")
+    g.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
+    g.add_argument("--test-per-class", type=int, default=None, help="first N test images per class")
+    g.add_argument("--key-init-per-class", type=int, default=None, help="first N key-init images per class")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per experience (default 2000)")
+    g.add_argument("--key-init-epochs", type=int, default=None, help="EMA key-init epochs (default 10)")
+    g.add_argument("--memory", type=int, default=2000, help="Replay / GDumb buffer size")
+    g.add_argument("--quick", action="store_true", help=f"smoke-run profile: {QUICK}")
+
+
+def _embeddings(args, image_set: str, split: str, per_class: int | None):
+    kwargs = {k: v for k, v in (("data_root", args.data_root), ("cache_root", args.cache_root)) if v is not None}
+    cached = cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
+                               download=args.download, image_size=args.image_size, per_class=per_class, **kwargs)
+    return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
+
+
+def resolve(args) -> dict:
+    """The run's settings: CLI values, else the --quick profile, else the defaults."""
+    quick = QUICK if args.quick else {}
+
+    def pick(name: str, default):
+        return getattr(args, name) if getattr(args, name) is not None else quick.get(name, default)
+
+    spec = BENCHMARKS[args.benchmark]
+    return {
+        "encoder": args.encoder, "weights": args.weights, "image_size": args.image_size,
+        "image_set": spec.image_set, "key_init_set": args.key_init_set or spec.key_init_set,
+        "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set],
+        "train_per_class": pick("train_per_class", None), "test_per_class": pick("test_per_class", None),
+        "key_init_per_class": pick("key_init_per_class", None),
+        "epochs": pick("epochs", 2000), "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
+        "seeds": pick("seeds", [0, 1, 2]),
+    }
+
+
+def run_real(args) -> ResultsWriter:
+    settings = resolve(args)
+    train_x, train_y = _embeddings(args, settings["image_set"], "train", settings["train_per_class"])
+    test_x, test_y = _embeddings(args, settings["image_set"], "test", settings["test_per_class"])
+    init_x, _ = _embeddings(args, settings["key_init_set"], "train", settings["key_init_per_class"])
+    print(f"[{args.benchmark}] train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
+          f"key init {tuple(init_x.shape)} ({settings['key_init_set']})", flush=True)
+    seeds = settings.pop("seeds")
+    writer = ResultsWriter(args.out, context={k: v for k, v in settings.items() if v is not None})
+    for seed in seeds:
+        benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y,
+                                                     settings["experiences"], seed=seed)
+        for method in args.methods:
+            torch.manual_seed(seed)
+            run_dir = args.out / "logs" / f"{method}_seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "log.txt", "w") as log_file:
+                csv_logger, tb_logger = CSVLogger(str(run_dir)), TensorboardLogger(run_dir / "tb")
+                method_settings = MethodSettings(
+                    input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1, key_init_data=init_x,
+                    epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory)
+                strategy = METHODS[method](method_settings,
+                                           make_evaluator([TextLogger(log_file), csv_logger, tb_logger]))
+                print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)
+                result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True))
+                csv_logger.close()
+                tb_logger.writer.close()
+            writer.add(args.benchmark, method, seed, result)
+            plot_accuracy_curves(writer, args.out / "accuracy_curves.png")
+            plot_final_matrices(writer, args.out / "final_accuracy_matrices.png")
+    return writer
