@@ -39,7 +39,7 @@ BENCHMARKS = {
 }
 
 QUICK = {"epochs": 5, "key_init_epochs": 1, "train_per_class": 20, "test_per_class": 10, "key_init_per_class": 10,
-         "seeds": [0]}
+         "ridge_projection": 512, "seeds": [0]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=None, help="epochs per experience (default 2000)")
     g.add_argument("--key-init-epochs", type=int, default=None, help="EMA key-init epochs (default 10)")
     g.add_argument("--memory", type=int, default=2000, help="Replay / GDumb buffer size")
+    g.add_argument("--ridge-projection", type=int, default=None, help="random features of the ridge baseline (5000)")
     g.add_argument("--quick", action="store_true", help=f"smoke-run profile: {QUICK}")
 
 
@@ -83,7 +84,7 @@ def resolve(args) -> dict:
         "train_per_class": pick("train_per_class", None), "test_per_class": pick("test_per_class", None),
         "key_init_per_class": pick("key_init_per_class", None),
         "epochs": pick("epochs", 2000), "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
-        "seeds": pick("seeds", [0, 1, 2]),
+        "ridge_projection": pick("ridge_projection", 5000), "seeds": pick("seeds", [0, 1, 2]),
     }
 
 
@@ -107,7 +108,8 @@ def run_real(args) -> ResultsWriter:
                 csv_logger, tb_logger = CSVLogger(str(run_dir)), TensorboardLogger(run_dir / "tb")
                 method_settings = MethodSettings(
                     input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1, key_init_data=init_x,
-                    epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory)
+                    epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory,
+                    ridge_projection=settings["ridge_projection"])
                 strategy = METHODS[method](method_settings,
                                            make_evaluator([TextLogger(log_file), csv_logger, tb_logger]))
                 print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)

@@ -1,0 +1,49 @@
+"""End to end: images on disk -> encoder -> embedding cache -> every method through the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+from PIL import Image
+
+from avalanche_dkvb.data import CIFAR10_CLASSES
+from benchmarks import methods
+from benchmarks.__main__ import main
+
+
+def _write_cifar10_jpeg_tree(root, per_class: int) -> None:
+    """root/cifar10-jpeg/{train,test}/<class>/NNNN.jpg; each class a colour, each image jittered."""
+    for split in ("train", "test"):
+        for label, name in enumerate(CIFAR10_CLASSES):
+            folder = root / "cifar10-jpeg" / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                colour = (25 * label + j, 250 - 25 * label, (60 * label + 7 * j) % 256)
+                Image.new("RGB", (32, 32), colour).save(folder / f"{j:04d}.jpg", quality=95)
+
+
+def test_every_method_runs_end_to_end_and_reuses_the_cache(tmp_path, capsys):
+    _write_cifar10_jpeg_tree(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    argv = ["--benchmark", "split_cifar10_jpeg", "--quick", "--epochs", "2", "--weights", "none",
+            "--image-size", "32", "--key-init-set", "cifar10_jpeg", "--data-root", str(tmp_path / "data"),
+            "--cache-root", str(tmp_path / "cache"), "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.method) == list(methods.METHODS)
+    for column in ("final_accuracy", "avg_incremental_accuracy"):
+        assert results[column].between(0, 1).all(), column
+    assert (results.benchmark == "split_cifar10_jpeg").all() and (results.encoder == "tf_efficientnet_lite0").all()
+    matrix = pd.read_csv(out / "accuracy_matrix.csv")
+    assert len(matrix) == len(methods.METHODS) * 5 * 5  # 5 experiences x 5 test experiences per method
+    for name in ("summary.md", "summary.csv", "accuracy_curves.png", "final_accuracy_matrices.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert list((out / "logs" / "dkvb_seed0" / "tb").glob("events.out.tfevents.*"))
+    assert (out / "logs" / "ncm_seed0" / "eval_results.csv").stat().st_size > 0
+
+    cache_files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    capsys.readouterr()
+    assert main(argv[:-2] + ["--out", str(tmp_path / "again"), "--methods", "ncm"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache_files  # nothing recomputed
+    again = pd.read_csv(tmp_path / "again" / "results.csv")
+    assert again.final_accuracy.iloc[0] == results.set_index("method").final_accuracy["ncm"]
