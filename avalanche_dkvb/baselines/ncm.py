@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avalanche.training.templates import SupervisedTemplate
+from .closed_form import ClosedFormStrategy
 
 
 class NearestClassMeanClassifier(nn.Module):
@@ -92,7 +92,7 @@ class NearestClassMeanClassifier(nn.Module):
         return scores.masked_fill(~seen, float("-inf")).to(x.dtype)
 
 
-class NearestClassMean(SupervisedTemplate):
+class NearestClassMean(ClosedFormStrategy):
     """Class-incremental NCM strategy on cached embeddings (no SGD).
 
     ``model`` is a :class:`NearestClassMeanClassifier`; the experience's
@@ -133,28 +133,6 @@ class NearestClassMean(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             **kwargs,
         )
-
-    def make_optimizer(self, **kwargs):
-        """No optimizer: the class means are computed in closed form."""
-
-    @torch.no_grad()
-    def training_epoch(self, **kwargs):
-        """One pass over the experience, absorbing each mini-batch."""
-        self.model.eval()
-        absorb = self.clock.train_exp_epochs == 0
-        for self.mbatch in self.dataloader:
-            self._unpack_minibatch()
-            self._before_training_iteration(**kwargs)
-            self.loss = self._make_empty_loss()
-            self._before_forward(**kwargs)
-            self.mb_output = self.forward()
-            self._after_forward(**kwargs)
-            self.loss += self.criterion()
-            self._before_update(**kwargs)
-            if absorb:
-                self.model.update(self.mb_x, self.mb_y)
-            self._after_update(**kwargs)
-            self._after_training_iteration(**kwargs)
 
 
 def _check_batch(x: Tensor, y: Tensor | None, in_features: int, num_classes: int):

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from avalanche.training.templates import SupervisedTemplate
 
+from .closed_form import ClosedFormStrategy
 from .ncm import _check_batch
 
 RIDGE_GRID = tuple(10.0**k for k in range(8, -9, -1))
@@ -195,7 +195,7 @@ class RandomProjectionRidgeClassifier(nn.Module):
         return best
 
 
-class RandomProjectionRidge(SupervisedTemplate):
+class RandomProjectionRidge(ClosedFormStrategy):
     """Class-incremental random-projection ridge strategy (no SGD).
 
     ``model`` is a :class:`RandomProjectionRidgeClassifier`; the experience's
@@ -250,31 +250,6 @@ class RandomProjectionRidge(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             **kwargs,
         )
-
-    def make_optimizer(self, **kwargs):
-        """No optimizer: the readout is solved in closed form."""
-
-    @torch.no_grad()
-    def training_epoch(self, **kwargs):
-        """One pass over the experience absorbing each mini-batch, then a
-        single solve of the readout."""
-        self.model.eval()
-        absorb = self.clock.train_exp_epochs == 0
-        for self.mbatch in self.dataloader:
-            self._unpack_minibatch()
-            self._before_training_iteration(**kwargs)
-            self.loss = self._make_empty_loss()
-            self._before_forward(**kwargs)
-            self.mb_output = self.forward()
-            self._after_forward(**kwargs)
-            self.loss += self.criterion()
-            self._before_update(**kwargs)
-            if absorb:
-                self.model.update(self.mb_x, self.mb_y)
-            self._after_update(**kwargs)
-            self._after_training_iteration(**kwargs)
-        if absorb:
-            self.model.fit()
 
 
 def _accumulate(gram: Tensor, moment: Tensor, h: Tensor, y: Tensor) -> None:

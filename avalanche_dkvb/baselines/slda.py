@@ -51,9 +51,9 @@ Differences from Avalanche's ``StreamingLDA``, all deliberate:
 import torch
 from torch import Tensor, nn
 
-from avalanche.training.templates import SupervisedTemplate
 
-from .ncm import NearestClassMean, _check_batch
+from .closed_form import ClosedFormStrategy
+from .ncm import _check_batch
 
 
 class BatchedStreamingLDAClassifier(nn.Module):
@@ -215,7 +215,7 @@ class BatchedStreamingLDAClassifier(nn.Module):
         return scores.masked_fill(~seen, float("-inf")).to(x.dtype)
 
 
-class BatchedStreamingLDA(SupervisedTemplate):
+class BatchedStreamingLDA(ClosedFormStrategy):
     """Class-incremental Deep Streaming LDA on cached embeddings (no SGD),
     the same model as ``avalanche.training.StreamingLDA`` fitted a
     mini-batch at a time.
@@ -267,11 +267,6 @@ class BatchedStreamingLDA(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             **kwargs,
         )
-
-    # Same one-pass loop as the NCM baseline: forward (prequential output),
-    # then ``self.model.update(mb_x, mb_y)`` in the update step.
-    make_optimizer = NearestClassMean.make_optimizer
-    training_epoch = NearestClassMean.training_epoch
 
 
 __all__ = ["BatchedStreamingLDA", "BatchedStreamingLDAClassifier"]
