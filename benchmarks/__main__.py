@@ -10,6 +10,7 @@ methods of ``benchmarks/methods.py``, and also writes accuracy plots and Avalanc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -19,7 +20,7 @@ import torch
 from avalanche.logging import CSVLogger, TextLogger
 
 from benchmarks import methods, real, toy2d
-from benchmarks.outputs import ResultsWriter
+from benchmarks.outputs import ResultsWriter, atomic_write_text
 from benchmarks.runner import make_evaluator, run_stream
 
 
@@ -80,8 +81,13 @@ def main(argv=None) -> int:
     print(writer.results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()
     print((args.out / "summary.md").read_text())
-    print(f"Wrote results.csv, accuracy_matrix.csv, summary.csv, summary.md and plots to {args.out} "
-          f"in {time.perf_counter() - start:.1f} s.")
+    seconds = time.perf_counter() - start
+    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    atomic_write_text(args.out / "run.json", json.dumps(
+        {"command": command, "wall_clock_seconds": round(seconds, 1), "torch_threads": args.threads,
+         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2))
+    print(f"Wrote results.csv, accuracy_matrix.csv, summary.csv, summary.md, run.json and plots to {args.out} "
+          f"in {seconds:.1f} s.")
     return 0
 
 

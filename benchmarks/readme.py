@@ -1,0 +1,37 @@
+"""Put results tables into the README from runs' outputs: ``python -m benchmarks.readme``.
+
+Each block ``<!-- results:DIR -->`` ... ``<!-- /results:DIR -->`` in README.md is replaced by
+``DIR/summary.md`` and the command and wall-clock time recorded in ``DIR/run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from benchmarks.outputs import atomic_write_text
+
+BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=dir) -->)", re.DOTALL)
+
+
+def render(run_dir: Path) -> str:
+    info = json.loads((run_dir / "run.json").read_text())
+    return (f"Command: `{info['command']}` (wall-clock {info['wall_clock_seconds']:.0f} s, "
+            f"{info['torch_threads']} torch thread(s), finished {info['finished']}).\n\n"
+            + (run_dir / "summary.md").read_text())
+
+
+def main(readme: Path = Path("README.md")) -> int:
+    text = readme.read_text()
+    missing = [m["dir"] for m in BLOCK.finditer(text) if not (Path(m["dir"]) / "run.json").exists()]
+    if missing:
+        print(f"No finished run in {missing} (expected run.json and summary.md there).", file=sys.stderr)
+        return 1
+    atomic_write_text(readme, BLOCK.sub(lambda m: m[1] + render(Path(m["dir"])) + m[3], text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
