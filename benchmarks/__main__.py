@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=_csv_list(int), default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/BENCHMARK)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (same settings) and run only the missing ones")
     real.add_arguments(parser)
     args = parser.parse_args(argv)
     available = toy2d.METHODS if args.benchmark == "toy2d" else methods.METHODS
@@ -50,10 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
-    writer = ResultsWriter(args.out)
+    writer = ResultsWriter(args.out, resume=args.resume)
     for seed in args.seeds or [0, 1, 2]:
         benchmark = toy2d.toy2d_benchmark(seed)
         for method in args.methods:
+            if writer.done("toy2d", method, seed):
+                continue
             torch.manual_seed(seed)
             run_dir = args.out / "logs" / f"{method}_seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)

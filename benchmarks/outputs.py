@@ -39,13 +39,32 @@ def atomic_savefig(figure, path: Path) -> None:
 
 
 class ResultsWriter:
-    """Collects run rows and accuracy matrices and keeps ``out_dir`` up to date after each run."""
+    """Collects run rows and accuracy matrices and keeps ``out_dir`` up to date after each run.
 
-    def __init__(self, out_dir: Path, context: dict | None = None):
+    With ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done` reports them), after
+    checking they were made with the same ``context`` settings.
+    """
+
+    def __init__(self, out_dir: Path, context: dict | None = None, resume: bool = False):
         self.out_dir = Path(out_dir)
         self.context = dict(context or {})  # extra columns, e.g. encoder and benchmark settings
         self.rows: list[dict] = []
         self.matrix_rows: list[dict] = []
+        if resume and (self.out_dir / "results.csv").exists():
+            self._load_finished_runs()
+
+    def _load_finished_runs(self) -> None:
+        results = pd.read_csv(self.out_dir / "results.csv")
+        for column, value in self.context.items():
+            found = set(results[column].astype(str)) if column in results else {"<missing>"}
+            if found != {str(value)}:
+                raise ValueError(f"Cannot resume: {self.out_dir / 'results.csv'} has {column}={sorted(found)}, "
+                                 f"this run has {column}={value!r}. Use another --out or the same settings.")
+        self.rows = results.to_dict("records")
+        self.matrix_rows = pd.read_csv(self.out_dir / "accuracy_matrix.csv").to_dict("records")
+
+    def done(self, benchmark: str, method: str, seed: int) -> bool:
+        return any((r["benchmark"], r["method"], int(r["seed"])) == (benchmark, method, seed) for r in self.rows)
 
     def add(self, benchmark: str, method: str, seed: int, result) -> None:
         self.rows.append({"benchmark": benchmark, "method": method, "seed": seed, **result.summary(),

@@ -96,11 +96,15 @@ def run_real(args) -> ResultsWriter:
     print(f"[{args.benchmark}] train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
           f"key init {tuple(init_x.shape)} ({settings['key_init_set']})", flush=True)
     seeds = settings.pop("seeds")
-    writer = ResultsWriter(args.out, context={k: v for k, v in settings.items() if v is not None})
+    writer = ResultsWriter(args.out, context={k: v for k, v in settings.items() if v is not None},
+                           resume=args.resume)
     for seed in seeds:
         benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y,
                                                      settings["experiences"], seed=seed)
         for method in args.methods:
+            if writer.done(args.benchmark, method, seed):
+                print(f"[{args.benchmark}] {method}, seed {seed}: already in {args.out}, skipped", flush=True)
+                continue
             torch.manual_seed(seed)
             run_dir = args.out / "logs" / f"{method}_seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)

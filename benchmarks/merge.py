@@ -1,0 +1,55 @@
+"""Merge runs of one benchmark made in separate processes (e.g. seeds in parallel):
+``python -m benchmarks.merge RUN_DIR [RUN_DIR ...] --out DIR``.
+
+Concatenates their results.csv and accuracy_matrix.csv, refuses duplicate (benchmark, method, seed)
+rows, and rewrites summary.csv/.md, the plots and a run.json listing every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, atomic_write_text
+from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
+
+KEY = ["benchmark", "method", "seed"]
+
+
+def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
+    results = pd.concat([pd.read_csv(d / "results.csv") for d in run_dirs], ignore_index=True)
+    duplicated = results[results.duplicated(KEY, keep=False)]
+    if not duplicated.empty:
+        raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run: "
+                         f"{duplicated[KEY].drop_duplicates().to_dict('records')}")
+    writer = ResultsWriter(out, context={c: None for c in results.columns if c not in RESULT_COLUMNS})
+    writer.rows = results.sort_values(["seed"], kind="stable").to_dict("records")
+    writer.matrix_rows = pd.concat([pd.read_csv(d / "accuracy_matrix.csv") for d in run_dirs]).to_dict("records")
+    writer.write()
+    plot_accuracy_curves(writer, out / "accuracy_curves.png")
+    plot_final_matrices(writer, out / "final_accuracy_matrices.png")
+    infos = [json.loads((d / "run.json").read_text()) for d in run_dirs]
+    atomic_write_text(out / "run.json", json.dumps({
+        "command": " ; ".join(i["command"] for i in infos),
+        "wall_clock_seconds": max(i["wall_clock_seconds"] for i in infos),
+        "torch_threads": infos[0]["torch_threads"], "torch": infos[0]["torch"],
+        "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
+    return writer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__)
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    merge(args.run_dirs, args.out)
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

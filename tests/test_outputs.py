@@ -1,0 +1,63 @@
+"""Results on disk: atomic files, resuming an interrupted run, merging runs made in parallel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.merge import merge
+from benchmarks.outputs import ResultsWriter
+from benchmarks.runner import RunResult
+
+
+def _result(final: float) -> RunResult:
+    matrix = np.array([[0.9, 0.0], [0.5, final]])
+    return RunResult(matrix, class_balanced=np.array([0.45, final]), seen_class_balanced=np.array([0.9, final]),
+                     forgetting=0.4, bwt=-0.4, train_seconds=1.5)
+
+
+def _run_dir(path, seeds, context):
+    writer = ResultsWriter(path, context=context)
+    for seed in seeds:
+        writer.add("bench", "dkvb", seed, _result(0.5 + seed / 10))
+    (path / "run.json").write_text(json.dumps({"command": f"run {seeds}", "wall_clock_seconds": 10.0 + len(seeds),
+                                               "torch_threads": 1, "torch": "x", "finished": "today"}))
+    return writer
+
+
+def test_results_files_are_complete_and_leave_no_temporary_files(tmp_path):
+    _run_dir(tmp_path, [0, 1], {"epochs": 200})
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert list(results.seed) == [0, 1] and results.final_accuracy.tolist() == [0.5, 0.6]
+    assert (results.epochs == 200).all()
+    assert len(pd.read_csv(tmp_path / "accuracy_matrix.csv")) == 2 * 4
+    assert "| bench | dkvb | 2 | 55.0 ± 5.0 |" in (tmp_path / "summary.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
+    _run_dir(tmp_path, [0], {"epochs": 200, "weights": "default"})
+    resumed = ResultsWriter(tmp_path, context={"epochs": 200, "weights": "default"}, resume=True)
+    assert resumed.done("bench", "dkvb", 0) and not resumed.done("bench", "dkvb", 1)
+    resumed.add("bench", "dkvb", 1, _result(0.7))
+    assert pd.read_csv(tmp_path / "results.csv").seed.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="epochs"):
+        ResultsWriter(tmp_path, context={"epochs": 2000, "weights": "default"}, resume=True)
+    assert not ResultsWriter(tmp_path, context={"epochs": 2000}).done("bench", "dkvb", 0)  # no resume: fresh
+
+
+def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
+    _run_dir(tmp_path / "a", [0, 1], {"epochs": 200})
+    _run_dir(tmp_path / "b", [2], {"epochs": 200})
+    merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    results = pd.read_csv(tmp_path / "merged" / "results.csv")
+    assert results.seed.tolist() == [0, 1, 2]
+    assert "| bench | dkvb | 3 |" in (tmp_path / "merged" / "summary.md").read_text()
+    assert len(pd.read_csv(tmp_path / "merged" / "accuracy_matrix.csv")) == 3 * 4
+    info = json.loads((tmp_path / "merged" / "run.json").read_text())
+    assert info["command"] == "run [0, 1] ; run [2]" and info["parallel_runs"] == 2
+    with pytest.raises(ValueError, match="overlap"):
+        merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")
