@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.outputs import atomic_savefig  # noqa: E402
@@ -24,12 +25,16 @@ def plot_accuracy_curves(writer, path: Path) -> None:
     """Accuracy on the experiences seen so far after each experience: mean over seeds, +- std."""
     curves = _seen_accuracy(pd.DataFrame(writer.matrix_rows))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, group in curves.groupby("method", sort=False):
+    colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods
+    for i, (method, group) in enumerate(curves.groupby("method", sort=False)):
         stats = group.groupby("after_experience").accuracy.agg(["mean", "std"]).fillna(0.0)
         x = stats.index.to_numpy() + 1
-        ax.plot(x, 100 * stats["mean"], marker="o", label=method)
-        ax.fill_between(x, 100 * (stats["mean"] - stats["std"]), 100 * (stats["mean"] + stats["std"]), alpha=0.15)
+        colour = colours[(2 * i) % 20 + (2 * i) // 20]
+        ax.plot(x, 100 * stats["mean"], marker="o", label=method, color=colour)
+        ax.fill_between(x, 100 * (stats["mean"] - stats["std"]), 100 * (stats["mean"] + stats["std"]),
+                        color=colour, alpha=0.15)
     ax.set(xlabel="after experience", ylabel="accuracy on seen experiences (%)", ylim=(0, 100))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(ncol=2, fontsize=8)
     ax.grid(alpha=0.3)
     atomic_savefig(fig, path)
