@@ -102,5 +102,5 @@ class DKVB(SupervisedTemplate):
         super().optimizer_step()
 
     def _after_training_exp(self, **kwargs):
-        self._index_trainer = None  # frees the (N, C*k) index cache
+        self._index_trainer = None  # frees the (C*k, N) index cache
         super()._after_training_exp(**kwargs)
