@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import torch
@@ -10,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from avalanche_dkvb.key_init import init_keys
 from avalanche_dkvb.model import DKVBModel
+
+log = logging.getLogger(__name__)
 
 
 def check_local_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -73,7 +77,18 @@ class DKVBPlugin(SupervisedPlugin):
             )
             data = strategy.experience.dataset.eval()
         embeddings = self._embed(model, data, strategy.device)
-        init_keys(model.bottleneck, embeddings, self.key_init, **self.key_init_kwargs)
+        kwargs = dict(self.key_init_kwargs)
+        epochs = kwargs.get("epochs", 10)
+        start = time.perf_counter()
+        every = max(1, epochs // 10)  # about ten progress lines per initialisation
+
+        def report(epoch: int, error: float) -> None:
+            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                log.info("key initialisation (%s) epoch %d/%d: quantisation error %.4g, %.0f s",
+                         self.key_init, epoch + 1, epochs, error, time.perf_counter() - start)
+
+        kwargs.setdefault("progress", report)
+        init_keys(model.bottleneck, embeddings, self.key_init, **kwargs)
         model.bottleneck.freeze_keys()
 
     @torch.no_grad()

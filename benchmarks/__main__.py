@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -78,6 +79,9 @@ def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("avalanche_dkvb").setLevel(logging.INFO)  # key-initialisation progress
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
     warnings.filterwarnings("ignore", module="avalanche")  # Avalanche's own deprecation chatter
     start = time.perf_counter()
     writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
