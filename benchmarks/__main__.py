@@ -76,6 +76,14 @@ def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
     return writer
 
 
+def write_run_info(args, command: str, seconds: float, status: str) -> None:
+    """``run.json``: the command, wall-clock time and status ("running" until the run finishes)."""
+    atomic_write_text(args.out / "run.json", json.dumps(
+        {"command": command, "status": status, "wall_clock_seconds": round(seconds, 1),
+         "torch_threads": args.threads, "torch": torch.__version__,
+         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,17 +91,17 @@ def main(argv=None) -> int:
     logging.getLogger("avalanche_dkvb").setLevel(logging.INFO)  # key-initialisation progress
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
     warnings.filterwarnings("ignore", module="avalanche")  # Avalanche's own deprecation chatter
+    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_run_info(args, command, 0.0, "running")
     writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
+    seconds = time.perf_counter() - start
+    write_run_info(args, command, seconds, "finished")
     print()
     print(writer.results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()
     print((args.out / "summary.md").read_text())
-    seconds = time.perf_counter() - start
-    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-    atomic_write_text(args.out / "run.json", json.dumps(
-        {"command": command, "wall_clock_seconds": round(seconds, 1), "torch_threads": args.threads,
-         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2))
     print(f"Wrote results.csv, accuracy_matrix.csv, summary.csv, summary.md, run.json and plots to {args.out} "
           f"in {seconds:.1f} s.")
     return 0

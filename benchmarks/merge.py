@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -32,13 +33,25 @@ def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
     writer.write()
     plot_accuracy_curves(writer, out / "accuracy_curves.png")
     plot_final_matrices(writer, out / "final_accuracy_matrices.png")
-    infos = [json.loads((d / "run.json").read_text()) for d in run_dirs]
+    infos = [_run_info(d) for d in run_dirs]
     atomic_write_text(out / "run.json", json.dumps({
         "command": " ; ".join(i["command"] for i in infos),
-        "wall_clock_seconds": max(i["wall_clock_seconds"] for i in infos),
-        "torch_threads": infos[0]["torch_threads"], "torch": infos[0]["torch"],
+        "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
+        "wall_clock_seconds": max((i["wall_clock_seconds"] for i in infos if not math.isnan(i["wall_clock_seconds"])),
+                                  default=math.nan),
+        "torch_threads": max(i["torch_threads"] or 0 for i in infos), "torch": infos[0]["torch"],
         "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
     return writer
+
+
+def _run_info(run_dir: Path) -> dict:
+    """The run's run.json; a run stopped before it could write one is recorded as such."""
+    path = run_dir / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"command": f"<not recorded: the run in {run_dir} was stopped before writing run.json>",
+            "status": "stopped", "wall_clock_seconds": float("nan"), "torch_threads": None, "torch": None,
+            "finished": ""}
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,11 @@ BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=di
 
 def render(run_dir: Path) -> str:
     info = json.loads((run_dir / "run.json").read_text())
-    return (f"Command: `{info['command']}` (wall-clock {info['wall_clock_seconds']:.0f} s, "
-            f"{info['torch_threads']} torch thread(s), finished {info['finished']}).\n\n"
-            + (run_dir / "summary.md").read_text())
+    status = info.get("status", "finished")
+    timing = (f"wall-clock {info['wall_clock_seconds']:.0f} s" if status == "finished"
+              else f"status: {status}, longest part {info['wall_clock_seconds']:.0f} s")
+    return (f"Command: `{info['command']}` ({timing}, {info['torch_threads']} torch thread(s) each, "
+            f"finished {info['finished']}).\n\n" + (run_dir / "summary.md").read_text())
 
 
 def main(readme: Path = Path("README.md")) -> int:

@@ -61,3 +61,13 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     assert info["command"] == "run [0, 1] ; run [2]" and info["parallel_runs"] == 2
     with pytest.raises(ValueError, match="overlap"):
         merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")
+
+
+def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
+    _run_dir(tmp_path / "a", [0], {"epochs": 200})
+    _run_dir(tmp_path / "b", [1], {"epochs": 200})
+    (tmp_path / "b" / "run.json").unlink()
+    merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    info = json.loads((tmp_path / "merged" / "run.json").read_text())
+    assert info["status"] == "partial" and "not recorded" in info["command"]
+    assert info["wall_clock_seconds"] == 11.0  # the recorded run's time, not NaN
