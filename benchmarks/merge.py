@@ -39,7 +39,8 @@ def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
         "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
         "wall_clock_seconds": max((i["wall_clock_seconds"] for i in infos if not math.isnan(i["wall_clock_seconds"])),
                                   default=math.nan),
-        "torch_threads": max(i["torch_threads"] or 0 for i in infos), "torch": infos[0]["torch"],
+        "torch_threads": max(i["torch_threads"] or 0 for i in infos),
+        "torch": next((i["torch"] for i in infos if i["torch"]), None),
         "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
     return writer
 
