@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -10,10 +11,17 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader, Dataset
 
-from avalanche_dkvb.key_init import init_keys
+from avalanche_dkvb.key_init import KEY_INITIALISERS, init_keys
 from avalanche_dkvb.model import DKVBModel
 
 log = logging.getLogger(__name__)
+
+
+def _default_epochs(method: str) -> int | None:
+    """The ``epochs`` default of the named key initialiser (None for an unknown name: init_keys
+    then raises the error that names it)."""
+    initialiser = KEY_INITIALISERS.get(method)
+    return None if initialiser is None else inspect.signature(initialiser).parameters["epochs"].default
 
 
 def check_local_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -78,7 +86,7 @@ class DKVBPlugin(SupervisedPlugin):
             data = strategy.experience.dataset.eval()
         embeddings = self._embed(model, data, strategy.device)
         kwargs = dict(self.key_init_kwargs)
-        epochs = kwargs.get("epochs", 10)
+        epochs = kwargs.get("epochs", _default_epochs(self.key_init))
         start = time.perf_counter()
         every = max(1, epochs // 10)  # about ten progress lines per initialisation
 

@@ -22,14 +22,18 @@ KEY = ["benchmark", "method", "seed"]
 
 
 def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
-    results = pd.concat([pd.read_csv(d / "results.csv") for d in run_dirs], ignore_index=True)
+    missing = [str(d) for d in run_dirs if not (d / "results.csv").exists()]
+    if missing:
+        raise FileNotFoundError(f"No results.csv in {missing}; expected folders written by python -m benchmarks.")
+    runs = [ResultsWriter(d, resume=True) for d in run_dirs]  # loads each folder's results and matrices
+    results = pd.DataFrame([row for run in runs for row in run.rows])
     duplicated = results[results.duplicated(KEY, keep=False)]
     if not duplicated.empty:
         raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run: "
                          f"{duplicated[KEY].drop_duplicates().to_dict('records')}")
     writer = ResultsWriter(out, context={c: None for c in results.columns if c not in RESULT_COLUMNS})
     writer.rows = results.sort_values(["seed"], kind="stable").to_dict("records")
-    writer.matrix_rows = pd.concat([pd.read_csv(d / "accuracy_matrix.csv") for d in run_dirs]).to_dict("records")
+    writer.matrix_rows = [row for run in runs for row in run.matrix_rows]
     writer.write()
     plot_accuracy_curves(writer, out / "accuracy_curves.png")
     plot_final_matrices(writer, out / "final_accuracy_matrices.png")
