@@ -1,8 +1,9 @@
 """Merge runs of one benchmark made in separate processes (e.g. seeds in parallel):
 ``python -m benchmarks.merge RUN_DIR [RUN_DIR ...] --out DIR``.
 
-Concatenates their results.csv and accuracy_matrix.csv, refuses duplicate (benchmark, method, seed)
-rows, and rewrites summary.csv/.md, the plots and a run.json listing every command.
+Concatenates their results.csv and accuracy_matrix.csv, refuses runs made with different settings
+(encoder, epochs, ... : the columns beside the metrics) and duplicate (benchmark, method, seed) rows,
+and rewrites summary.csv/.md, the plots and a run.json listing every command.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
     if missing:
         raise FileNotFoundError(f"No results.csv in {missing}; expected folders written by python -m benchmarks.")
     runs = [ResultsWriter(d, resume=True) for d in run_dirs]  # loads each folder's results and matrices
+    _check_same_settings(run_dirs, runs)
     results = pd.DataFrame([row for run in runs for row in run.rows])
     duplicated = results[results.duplicated(KEY, keep=False)]
     if not duplicated.empty:
@@ -47,6 +49,24 @@ def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
         "torch": next((i["torch"] for i in infos if i["torch"]), None),
         "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
     return writer
+
+
+def _settings(run: ResultsWriter) -> dict:
+    """The run's settings columns (everything in results.csv beside the metrics) and their values."""
+    frame = pd.DataFrame(run.rows)
+    return {c: sorted(set(frame[c].astype(str))) for c in frame.columns if c not in RESULT_COLUMNS}
+
+
+def _check_same_settings(run_dirs: list[Path], runs: list[ResultsWriter]) -> None:
+    reference = _settings(runs[0])
+    for run_dir, run in zip(run_dirs[1:], runs[1:]):
+        settings = _settings(run)
+        differing = sorted(c for c in reference.keys() | settings.keys() if reference.get(c) != settings.get(c))
+        if differing:
+            details = ", ".join(f"{c}: {reference.get(c, '<missing>')} vs {settings.get(c, '<missing>')}"
+                                for c in differing)
+            raise ValueError(f"Cannot merge {run_dirs[0]} and {run_dir}: they were run with different settings "
+                             f"({details}); only runs of the same settings can share a table.")
 
 
 def _run_info(run_dir: Path) -> dict:

@@ -63,6 +63,17 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
         merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")
 
 
+def test_merge_refuses_runs_made_with_different_settings(tmp_path):
+    _run_dir(tmp_path / "a", [0], {"epochs": 200})
+    _run_dir(tmp_path / "b", [1], {"epochs": 2000})
+    _run_dir(tmp_path / "c", [2], {"epochs": 200, "ewc_lambda": 1000.0})
+    with pytest.raises(ValueError, match=r"epochs: \['200'\] vs \['2000'\]"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="ewc_lambda: <missing>"):
+        merge([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
     _run_dir(tmp_path / "a", [0], {"epochs": 200})
     _run_dir(tmp_path / "b", [1], {"epochs": 200})
