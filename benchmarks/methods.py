@@ -2,8 +2,9 @@
 
 Defaults (``MethodSettings``): SGD-trained baselines follow the authors' baseline protocol (SGD lr
 1e-3, batch 256, gradient-norm clip 1.0, label smoothing 0.1, the same epochs as DKVB) on a linear
-probe over the embeddings; the MLP has one hidden layer of 128. Regularisation strengths are
-Avalanche's usual, untuned values (EWC lambda 100, LwF alpha 1 / temperature 2, SI lambda 1).
+probe over the embeddings; the MLP has one hidden layer of 128. Regularisation strengths default to
+Avalanche's usual, untuned values (EWC lambda 100, LwF alpha 1 / temperature 2, SI lambda 1); the
+CLI sets them with --ewc-lambda, --lwf-alpha and --si-lambda.
 Replay and GDumb keep ``memory`` samples. Streaming LDA, nearest class mean and random projection
 + ridge are closed form (one pass). ``joint`` is Avalanche's Cumulative (all data seen so far).
 DKVB uses the paper's defaults (C 256, K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different
@@ -35,6 +36,9 @@ class MethodSettings:
     key_init_epochs: int = 10
     baseline_lr: float = 1e-3
     memory: int = 2000
+    ewc_lambda: float = 100.0
+    lwf_alpha: float = 1.0
+    si_lambda: float = 1.0
     ridge_projection: int = 5000
     device: str = "cpu"
 
@@ -83,9 +87,9 @@ METHODS = {
     "dkvb": _dkvb,
     "linear": lambda s, ev: _sgd(Naive, _linear(s), s, ev),
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
-    "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=100.0),
-    "lwf": lambda s, ev: _sgd(LwF, _linear(s), s, ev, alpha=1.0, temperature=2.0),
-    "si": lambda s, ev: _sgd(SynapticIntelligence, _linear(s), s, ev, si_lambda=1.0),
+    "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
+    "lwf": lambda s, ev: _sgd(LwF, _linear(s), s, ev, alpha=s.lwf_alpha, temperature=2.0),
+    "si": lambda s, ev: _sgd(SynapticIntelligence, _linear(s), s, ev, si_lambda=s.si_lambda),
     "replay": lambda s, ev: _sgd(Replay, _linear(s), s, ev, in_memory=False, mem_size=s.memory),
     "gdumb": lambda s, ev: _sgd(GDumb, _linear(s), s, ev, mem_size=s.memory),
     "slda": _slda,

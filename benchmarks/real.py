@@ -38,6 +38,8 @@ BENCHMARKS = {
     "split_tinyimagenet": BenchmarkSpec("tiny_imagenet", "cifar10_jpeg"),
 }
 
+STRENGTHS = ("ewc_lambda", "lwf_alpha", "si_lambda")  # regularisation strengths settable from the CLI
+
 QUICK = {"epochs": 5, "key_init_epochs": 1, "train_per_class": 20, "test_per_class": 10, "key_init_per_class": 10,
          "ridge_projection": 512, "seeds": [0]}
 
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--key-init-epochs", type=int, default=None, help="EMA key-init epochs (default 10)")
     g.add_argument("--memory", type=int, default=2000, help="Replay / GDumb buffer size")
     g.add_argument("--ridge-projection", type=int, default=None, help="random features of the ridge baseline (5000)")
+    g.add_argument("--ewc-lambda", type=float, default=None, help="EWC penalty strength (100)")
+    g.add_argument("--lwf-alpha", type=float, default=None, help="LwF distillation weight (1)")
+    g.add_argument("--si-lambda", type=float, default=None, help="SI penalty strength (1)")
     g.add_argument("--quick", action="store_true", help=f"smoke-run profile: {QUICK}")
 
 
@@ -85,6 +90,7 @@ def resolve(args) -> dict:
         "key_init_per_class": pick("key_init_per_class", None),
         "epochs": pick("epochs", 2000), "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
         "ridge_projection": pick("ridge_projection", 5000), "seeds": pick("seeds", [0, 1, 2]),
+        **{name: getattr(args, name) for name in STRENGTHS},  # None (the default) leaves no column
     }
 
 
@@ -113,7 +119,8 @@ def run_real(args) -> ResultsWriter:
                 method_settings = MethodSettings(
                     input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1, key_init_data=init_x,
                     epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory,
-                    ridge_projection=settings["ridge_projection"])
+                    ridge_projection=settings["ridge_projection"],
+                    **{name: settings[name] for name in STRENGTHS if settings[name] is not None})
                 strategy = METHODS[method](method_settings,
                                            make_evaluator([TextLogger(log_file), csv_logger, tb_logger]))
                 print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pandas as pd
+import torch
 from PIL import Image
 
 from avalanche_dkvb.data import CIFAR10_CLASSES
 from benchmarks import methods
 from benchmarks.__main__ import main
+from benchmarks.real import add_arguments, resolve
+from benchmarks.runner import make_evaluator
 
 
 def _write_cifar10_jpeg_tree(root, per_class: int) -> None:
@@ -47,3 +52,20 @@ def test_every_method_runs_end_to_end_and_reuses_the_cache(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache_files  # nothing recomputed
     again = pd.read_csv(tmp_path / "again" / "results.csv")
     assert again.final_accuracy.iloc[0] == results.set_index("method").final_accuracy["ncm"]
+
+
+def test_regularisation_strengths_reach_the_strategies_and_are_recorded_only_when_set():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--ewc-lambda", "7", "--si-lambda", "3"])
+    args.benchmark, args.seeds = "split_cifar10_jpeg", None
+    settings = resolve(args)
+    assert (settings["ewc_lambda"], settings["si_lambda"], settings["lwf_alpha"]) == (7.0, 3.0, None)
+
+    s = methods.MethodSettings(input_dim=4, num_classes=3, key_init_data=torch.zeros(1, 4),
+                               ewc_lambda=7.0, lwf_alpha=0.5, si_lambda=3.0)
+    plugins = {name: {type(p).__name__: p for p in methods.METHODS[name](s, make_evaluator([])).plugins}
+               for name in ("ewc", "lwf", "si")}
+    assert plugins["ewc"]["EWCPlugin"].ewc_lambda == 7.0
+    assert plugins["lwf"]["LwFPlugin"].lwf.alpha == 0.5
+    assert plugins["si"]["SynapticIntelligencePlugin"].si_lambda == [3.0]
