@@ -76,11 +76,11 @@ def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
     return writer
 
 
-def write_run_info(args, command: str, seconds: float, status: str) -> None:
+def write_run_info(out: Path, threads: int, command: str, seconds: float, status: str) -> None:
     """``run.json``: the command, wall-clock time and status ("running" until the run finishes)."""
-    atomic_write_text(args.out / "run.json", json.dumps(
+    atomic_write_text(out / "run.json", json.dumps(
         {"command": command, "status": status, "wall_clock_seconds": round(seconds, 1),
-         "torch_threads": args.threads, "torch": torch.__version__,
+         "torch_threads": threads, "torch": torch.__version__,
          "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2))
 
 
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_run_info(args, command, 0.0, "running")
+    write_run_info(args.out, args.threads, command, 0.0, "running")
     writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
     seconds = time.perf_counter() - start
-    write_run_info(args, command, seconds, "finished")
+    write_run_info(args.out, args.threads, command, seconds, "finished")
     print()
     print(writer.results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()

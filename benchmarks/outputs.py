@@ -88,21 +88,22 @@ class ResultsWriter:
         atomic_write_text(self.out_dir / "summary.md", to_markdown(summary))
 
 
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of every metric, one row per (benchmark, method), in run order."""
-    grouped = results.groupby(["benchmark", "method"], sort=False)[METRICS]
+def summarise(results: pd.DataFrame, keys: tuple[str, ...] = ("benchmark", "method")) -> pd.DataFrame:
+    """Mean and std over seeds of every metric, one row per ``keys`` value, in run order."""
+    grouped = results.groupby(list(keys), sort=False)[METRICS]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_std"))
     table.insert(0, "seeds", grouped.size())
     return table.reset_index()
 
 
 def to_markdown(summary: pd.DataFrame) -> str:
-    """A Markdown table with 'mean ± std' cells (accuracies in %, times in seconds)."""
-    header = ["benchmark", "method", "seeds", "final acc. (%)", "avg. incr. acc. (%)",
-              "forgetting (%)", "BWT (%)", "train time (s)"]
+    """A Markdown table with 'mean ± std' cells (accuracies in %, times in seconds); the key columns
+    are those before ``seeds``."""
+    keys = list(summary.columns[:list(summary.columns).index("seeds")])
+    header = keys + ["seeds", "final acc. (%)", "avg. incr. acc. (%)", "forgetting (%)", "BWT (%)", "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
-        cells = [r["benchmark"], r["method"], str(r["seeds"])]
+        cells = [str(r[k]) for k in keys] + [str(r["seeds"])]
         for metric in METRICS:
             scale, digits = (1, 1) if metric == "train_seconds" else (100, 1)
             mean, std = r[f"{metric}_mean"] * scale, r[f"{metric}_std"] * scale

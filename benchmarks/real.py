@@ -38,7 +38,7 @@ BENCHMARKS = {
     "split_tinyimagenet": BenchmarkSpec("tiny_imagenet", "cifar10_jpeg"),
 }
 
-STRENGTHS = ("ewc_lambda", "lwf_alpha", "si_lambda")  # regularisation strengths settable from the CLI
+STRENGTHS = {"ewc_lambda": "ewc", "lwf_alpha": "lwf", "si_lambda": "si"}  # CLI-settable strength -> its method
 
 QUICK = {"epochs": 5, "key_init_epochs": 1, "train_per_class": 20, "test_per_class": 10, "key_init_per_class": 10,
          "ridge_projection": 512, "seeds": [0]}

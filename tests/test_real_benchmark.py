@@ -1,10 +1,12 @@
-"""End to end: images on disk -> encoder -> embedding cache -> every method through the CLI."""
+"""End to end: images on disk -> encoder -> embedding cache -> every method through the CLI; strength sweeps."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -13,6 +15,7 @@ from benchmarks import methods
 from benchmarks.__main__ import main
 from benchmarks.real import add_arguments, resolve
 from benchmarks.runner import make_evaluator
+from benchmarks.sweep import main as sweep_main, parse_args as parse_sweep_args
 
 
 def _write_cifar10_jpeg_tree(root, per_class: int) -> None:
@@ -69,3 +72,35 @@ def test_regularisation_strengths_reach_the_strategies_and_are_recorded_only_whe
     assert plugins["ewc"]["EWCPlugin"].ewc_lambda == 7.0
     assert plugins["lwf"]["LwFPlugin"].lwf.alpha == 0.5
     assert plugins["si"]["SynapticIntelligencePlugin"].si_lambda == [3.0]
+
+
+def test_sweep_runs_each_strength_and_tabulates_them(tmp_path):
+    _write_cifar10_jpeg_tree(tmp_path / "data", per_class=2)
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--ewc-lambda", "1,1e6", "--si-lambda", "10",
+            "--benchmark", "split_cifar10_jpeg", "--quick", "--epochs", "2", "--weights", "none", "--image-size", "32",
+            "--key-init-set", "cifar10_jpeg", "--data-root", str(tmp_path / "data"),
+            "--cache-root", str(tmp_path / "cache"), "--threads", "1"]
+    assert sweep_main(argv) == 0
+
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.strength) == ["ewc_lambda=1", "ewc_lambda=1e6", "si_lambda=10"]
+    assert list(results.method) == ["ewc", "ewc", "si"]
+    assert list(results.ewc_lambda.iloc[:2]) == [1.0, 1e6] and results.si_lambda.iloc[2] == 10.0
+    assert "| split_cifar10_jpeg | ewc | ewc_lambda=1e6 | 1 |" in (out / "summary.md").read_text()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+    first = (out / "ewc_1" / "results.csv").read_text()
+    assert sweep_main(argv) == 0  # resumed: every run is already there and is kept as it was
+    assert (out / "ewc_1" / "results.csv").read_text() == first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x", "--benchmark", "split_cifar10_jpeg"], "nothing to sweep"),
+    (["--out", "x", "--ewc-lambda", "1", "--methods", "dkvb"], "set by the sweep"),
+    (["--out", "x", "--ewc-lambda", "1,strong"], "invalid numbers value"),
+])
+def test_sweep_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_sweep_args(argv)
+    assert message in capsys.readouterr().err

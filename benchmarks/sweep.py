@@ -1,0 +1,80 @@
+"""Regularisation-strength sweeps on a real-image benchmark:
+``python -m benchmarks.sweep --out DIR --ewc-lambda 1e3,1e4 [--lwf-alpha ...] [--si-lambda ...] BENCHMARK ARGS``.
+
+Each (method, strength) is one ``python -m benchmarks`` run with the remaining arguments, in
+``DIR/<method>_<strength>/`` and with ``--resume`` (an interrupted sweep keeps its finished runs). The
+sweep then writes ``DIR/results.csv`` (every run's rows, with a ``strength`` column such as
+``ewc_lambda=1e3``), ``DIR/summary.csv``/``summary.md`` (mean ± std over seeds per method and strength)
+and ``DIR/run.json``. Strengths are chosen on the test stream here, so the best row is an optimistic
+estimate of what a tuned method reaches, not a tuned result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.__main__ import main as run_benchmark, write_run_info
+from benchmarks.outputs import atomic_write_text, summarise, to_markdown
+from benchmarks.real import STRENGTHS
+
+RESERVED = ("--methods", "--out", "--resume")  # set by the sweep for each run
+
+
+def numbers(text: str) -> list[str]:
+    """Comma-separated numbers, kept as typed (they name the run folders)."""
+    values = [item for item in text.split(",") if item]
+    for value in values:
+        float(value)  # argparse turns the ValueError into a usage error naming the option
+    return values
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="sweep folder")
+    for name, method in STRENGTHS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=numbers, default=[],
+                            help=f"comma-separated values for {method}")
+    args, benchmark_args = parser.parse_known_args(argv)
+    reserved = [a for a in benchmark_args if a.split("=")[0] in RESERVED]
+    if reserved:
+        parser.error(f"{reserved} are set by the sweep for each run; leave them out")
+    if not any(getattr(args, name) for name in STRENGTHS):
+        parser.error(f"nothing to sweep: give at least one of {['--' + n.replace('_', '-') for n in STRENGTHS]}")
+    return args, benchmark_args
+
+
+def _threads(benchmark_args: list[str]) -> int:
+    return int(benchmark_args[benchmark_args.index("--threads") + 1]) if "--threads" in benchmark_args else 2
+
+
+def main(argv=None) -> int:
+    args, benchmark_args = parse_args(argv)
+    command = " ".join(["python -m benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_run_info(args.out, _threads(benchmark_args), command, 0.0, "running")
+    frames = []
+    for name, method in STRENGTHS.items():
+        for value in getattr(args, name):
+            run_dir = args.out / f"{method}_{value}"
+            run_benchmark([*benchmark_args, "--methods", method, f"--{name.replace('_', '-')}", value,
+                           "--out", str(run_dir), "--resume"])
+            frames.append(pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}"))
+    results = pd.concat(frames, ignore_index=True)
+    summary = summarise(results, keys=("benchmark", "method", "strength"))
+    atomic_write_text(args.out / "results.csv", results.to_csv(index=False))
+    atomic_write_text(args.out / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(args.out / "summary.md", to_markdown(summary))
+    write_run_info(args.out, _threads(benchmark_args), command, time.perf_counter() - start, "finished")
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
