@@ -4,10 +4,11 @@ Defaults (``MethodSettings``): SGD-trained baselines follow the authors' baselin
 1e-3, batch 256, gradient-norm clip 1.0, label smoothing 0.1, the same epochs as DKVB) on a linear
 probe over the embeddings; the MLP has one hidden layer of 128. Regularisation strengths default to
 Avalanche's usual, untuned values (EWC lambda 100, LwF alpha 1 / temperature 2, SI lambda 1); the
-CLI sets them with --ewc-lambda, --lwf-alpha and --si-lambda.
-Replay and GDumb keep ``memory`` samples. Streaming LDA, nearest class mean and random projection
-+ ridge are closed form (one pass). ``joint`` is Avalanche's Cumulative (all data seen so far).
-DKVB uses the paper's defaults (C 256, K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different
+CLI sets them with --ewc-lambda, --lwf-alpha and --si-lambda. SI is Avalanche's with its parameter
+snapshots copied (Avalanche's own SI equals Naive on a CPU; see
+``avalanche_dkvb.baselines.synaptic_intelligence``). Replay and GDumb keep ``memory`` samples.
+Streaming LDA, nearest class mean and random projection + ridge are closed form (one pass).
+``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256, K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different
 data set's embeddings).
 """
 
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training import EWC, GDumb, LwF, Naive, Replay, SynapticIntelligence, Cumulative
+from avalanche.training import EWC, GDumb, LwF, Naive, Replay, Cumulative
 from torch import nn
 
 from avalanche_dkvb import DKVB, create_dkvb_model
-from avalanche_dkvb.baselines import NearestClassMean, RandomProjectionRidge
+from avalanche_dkvb.baselines import CopyingSynapticIntelligence, NearestClassMean, RandomProjectionRidge
 from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin
 
 
@@ -89,7 +90,7 @@ METHODS = {
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
     "lwf": lambda s, ev: _sgd(LwF, _linear(s), s, ev, alpha=s.lwf_alpha, temperature=2.0),
-    "si": lambda s, ev: _sgd(SynapticIntelligence, _linear(s), s, ev, si_lambda=s.si_lambda),
+    "si": lambda s, ev: _sgd(CopyingSynapticIntelligence, _linear(s), s, ev, si_lambda=s.si_lambda),
     "replay": lambda s, ev: _sgd(Replay, _linear(s), s, ev, in_memory=False, mem_size=s.memory),
     "gdumb": lambda s, ev: _sgd(GDumb, _linear(s), s, ev, mem_size=s.memory),
     "slda": _slda,

@@ -71,7 +71,7 @@ def test_regularisation_strengths_reach_the_strategies_and_are_recorded_only_whe
                for name in ("ewc", "lwf", "si")}
     assert plugins["ewc"]["EWCPlugin"].ewc_lambda == 7.0
     assert plugins["lwf"]["LwFPlugin"].lwf.alpha == 0.5
-    assert plugins["si"]["SynapticIntelligencePlugin"].si_lambda == [3.0]
+    assert plugins["si"]["CopyingSynapticIntelligencePlugin"].si_lambda == [3.0]
 
 
 def test_sweep_runs_each_strength_and_tabulates_them(tmp_path):
