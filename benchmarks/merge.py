@@ -1,9 +1,10 @@
 """Merge runs of one benchmark made in separate processes (e.g. seeds in parallel):
-``python -m benchmarks.merge RUN_DIR [RUN_DIR ...] --out DIR``.
+``python -m benchmarks.merge RUN_DIR [RUN_DIR ...] --out DIR [--replace]``.
 
 Concatenates their results.csv and accuracy_matrix.csv, refuses runs made with different settings
-(encoder, epochs, ... : the columns beside the metrics) and duplicate (benchmark, method, seed) rows,
-and rewrites summary.csv/.md, the plots and a run.json listing every command.
+(encoder, epochs, ... : the columns beside the metrics) and, unless ``--replace``, runs that share a
+(benchmark, method, seed); with ``--replace`` a later run's rows supersede an earlier run's (e.g. a
+method re-run after a fix). Writes summary.csv/.md, the plots and a run.json listing every command.
 """
 
 from __future__ import annotations
@@ -19,27 +20,22 @@ import pandas as pd
 from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, atomic_write_text
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
 
-KEY = ["benchmark", "method", "seed"]
 
-
-def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
+def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWriter:
     missing = [str(d) for d in run_dirs if not (d / "results.csv").exists()]
     if missing:
         raise FileNotFoundError(f"No results.csv in {missing}; expected folders written by python -m benchmarks.")
     runs = [ResultsWriter(d, resume=True) for d in run_dirs]  # loads each folder's results and matrices
     _check_same_settings(run_dirs, runs)
-    results = pd.DataFrame([row for run in runs for row in run.rows])
-    duplicated = results[results.duplicated(KEY, keep=False)]
-    if not duplicated.empty:
-        raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run: "
-                         f"{duplicated[KEY].drop_duplicates().to_dict('records')}")
+    infos = [_run_info(d) for d in run_dirs]  # read before writing: out may be one of run_dirs
+    rows, matrix_rows = _combine(runs, replace)
+    results = pd.DataFrame(rows)
     writer = ResultsWriter(out, context={c: None for c in results.columns if c not in RESULT_COLUMNS})
     writer.rows = results.sort_values(["seed"], kind="stable").to_dict("records")
-    writer.matrix_rows = [row for run in runs for row in run.matrix_rows]
+    writer.matrix_rows = matrix_rows
     writer.write()
     plot_accuracy_curves(writer, out / "accuracy_curves.png")
     plot_final_matrices(writer, out / "final_accuracy_matrices.png")
-    infos = [_run_info(d) for d in run_dirs]
     atomic_write_text(out / "run.json", json.dumps({
         "command": " ; ".join(i["command"] for i in infos),
         "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
@@ -49,6 +45,30 @@ def merge(run_dirs: list[Path], out: Path) -> ResultsWriter:
         "torch": next((i["torch"] for i in infos if i["torch"]), None),
         "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
     return writer
+
+
+def _key(row: dict) -> tuple:
+    return row["benchmark"], row["method"], int(row["seed"])
+
+
+def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list[dict]]:
+    """Every run's result and matrix rows, each (benchmark, method, seed) from one run: the only one,
+    or with ``replace`` the last one, kept at the place where it first appeared."""
+    owner, order, overlaps = {}, [], []
+    for i, run in enumerate(runs):
+        for row in run.rows:
+            key = _key(row)
+            if key in owner:
+                overlaps.append(key)
+            else:
+                order.append(key)
+            owner[key] = i
+    if overlaps and not replace:
+        raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run, or pass "
+                         f"--replace to let later runs supersede earlier ones: {sorted(set(overlaps))}")
+    rows = {(i, _key(row)): row for i, run in enumerate(runs) for row in run.rows}
+    matrix_rows = [row for i, run in enumerate(runs) for row in run.matrix_rows if owner[_key(row)] == i]
+    return [rows[owner[key], key] for key in order], matrix_rows
 
 
 def _settings(run: ResultsWriter) -> dict:
@@ -83,8 +103,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__)
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--replace", action="store_true",
+                   help="a later run's (benchmark, method, seed) rows supersede an earlier run's")
     args = p.parse_args(argv)
-    merge(args.run_dirs, args.out)
+    merge(args.run_dirs, args.out, replace=args.replace)
     print((args.out / "summary.md").read_text())
     return 0
 

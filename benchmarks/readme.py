@@ -18,9 +18,13 @@ BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=di
 
 def render(run_dir: Path) -> str:
     info = json.loads((run_dir / "run.json").read_text())
-    status = info.get("status", "finished")
-    timing = (f"wall-clock {info['wall_clock_seconds']:.0f} s" if status == "finished"
-              else f"status: {status}, longest part {info['wall_clock_seconds']:.0f} s")
+    status, runs, seconds = info.get("status", "finished"), info.get("parallel_runs", 1), info["wall_clock_seconds"]
+    if status != "finished":
+        timing = f"status: {status}, longest part {seconds:.0f} s"
+    elif runs > 1:
+        timing = f"{runs} runs merged, the longest {seconds:.0f} s"
+    else:
+        timing = f"wall-clock {seconds:.0f} s"
     return (f"Command: `{info['command']}` ({timing}, {info['torch_threads']} torch thread(s) each, "
             f"finished {info['finished']}).\n\n" + (run_dir / "summary.md").read_text())
 

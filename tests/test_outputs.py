@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.merge import merge
 from benchmarks.outputs import ResultsWriter
+from benchmarks.readme import main as readme_main
 from benchmarks.runner import RunResult
 
 
@@ -82,3 +83,41 @@ def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
     info = json.loads((tmp_path / "merged" / "run.json").read_text())
     assert info["status"] == "partial" and "not recorded" in info["command"]
     assert info["wall_clock_seconds"] == 11.0  # the recorded run's time, not NaN
+
+
+def test_merge_with_replace_takes_the_later_run_in_the_earlier_place(tmp_path):
+    first = _run_dir(tmp_path / "a", [0, 1], {"epochs": 200})
+    first.add("bench", "ncm", 0, _result(0.6))
+    rerun = ResultsWriter(tmp_path / "b", context={"epochs": 200})
+    rerun.add("bench", "dkvb", 1, _result(0.95))
+    (tmp_path / "b" / "run.json").write_text((tmp_path / "a" / "run.json").read_text().replace("run [0, 1]", "rerun"))
+    with pytest.raises(ValueError, match="--replace"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+
+    merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", replace=True)
+    results = pd.read_csv(tmp_path / "merged" / "results.csv")
+    assert list(zip(results.method, results.seed, results.final_accuracy)) == [
+        ("dkvb", 0, 0.5), ("ncm", 0, 0.6), ("dkvb", 1, 0.95)]
+    matrix = pd.read_csv(tmp_path / "merged" / "accuracy_matrix.csv")
+    replaced = matrix[(matrix.method == "dkvb") & (matrix.seed == 1)]
+    assert len(replaced) == 4 and replaced.accuracy.max() == 0.95  # only the re-run's matrix
+    assert json.loads((tmp_path / "merged" / "run.json").read_text())["command"] == "run [0, 1] ; rerun"
+
+
+def test_readme_blocks_are_filled_from_the_runs_outputs(tmp_path, monkeypatch):
+    _run_dir(tmp_path / "results" / "a", [0, 1], {"epochs": 200})
+    _run_dir(tmp_path / "results" / "b", [2], {"epochs": 200})
+    merge([tmp_path / "results" / "a", tmp_path / "results" / "b"], tmp_path / "results" / "merged")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:results/a -->\nstale\n<!-- /results:results/a -->\n"
+                      "<!-- results:results/merged -->\n<!-- /results:results/merged -->\nend\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme_main(readme) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "Command: `run [0, 1]` (wall-clock 12 s" in text
+    assert "Command: `run [0, 1] ; run [2]` (2 runs merged, the longest 12 s" in text
+    assert text.count("| bench | dkvb | 2 |") == 1 and text.count("| bench | dkvb | 3 |") == 1
+
+    readme.write_text("<!-- results:results/missing -->\n<!-- /results:results/missing -->\n")
+    assert readme_main(readme) == 1  # no run there: the README is left as it was
