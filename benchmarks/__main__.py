@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -95,7 +96,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     write_run_info(args.out, args.threads, command, 0.0, "running")
-    writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
+    try:
+        writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
+    except KeyboardInterrupt:
+        write_run_info(args.out, args.threads, command, time.perf_counter() - start, "interrupted")
+        print(f"Interrupted: the finished runs are in {args.out}; --resume continues from them.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - start
     write_run_info(args.out, args.threads, command, seconds, "finished")
     print()

@@ -63,8 +63,12 @@ def main(argv=None) -> int:
     for name, method in STRENGTHS.items():
         for value in getattr(args, name):
             run_dir = args.out / f"{method}_{value}"
-            run_benchmark([*benchmark_args, "--methods", method, f"--{name.replace('_', '-')}", value,
-                           "--out", str(run_dir), "--resume"])
+            status = run_benchmark([*benchmark_args, "--methods", method, f"--{name.replace('_', '-')}", value,
+                                    "--out", str(run_dir), "--resume"])
+            if status != 0:
+                write_run_info(args.out, _threads(benchmark_args), command, time.perf_counter() - start,
+                               "interrupted")
+                return status
             frames.append(pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}"))
     results = pd.concat(frames, ignore_index=True)
     summary = summarise(results, keys=("benchmark", "method", "strength"))

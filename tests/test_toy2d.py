@@ -3,6 +3,9 @@ class, the linear probe and the MLP forget; every output file is written."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -102,3 +105,20 @@ def test_toy2d_stream_matches_the_seeds():
     assert not torch.equal(benchmark.train_stream[0].dataset[0][0], other.train_stream[0].dataset[0][0])
     square = uniform_unit_square(500, seed=0)
     assert square.shape == (500, 2) and square.min() >= 0 and square.max() <= 1
+
+
+def test_a_killed_run_keeps_its_finished_runs_and_says_it_was_interrupted(tmp_path):
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-m", "benchmarks", "--seeds", "0,1", "--threads", "1", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "results.csv").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job.terminate()  # SIGTERM, as `kill` sends
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["wall_clock_seconds"] > 0
+    finished = pd.read_csv(out / "results.csv")
+    assert 1 <= len(finished) < 6 and finished.final_accuracy.notna().all()
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
