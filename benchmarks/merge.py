@@ -36,6 +36,7 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
     writer.write()
     plot_accuracy_curves(writer, out / "accuracy_curves.png")
     plot_final_matrices(writer, out / "final_accuracy_matrices.png")
+    notes = [i["note"] for i in infos if "note" in i]  # e.g. how a run.json was reconstructed
     atomic_write_text(out / "run.json", json.dumps({
         "command": " ; ".join(i["command"] for i in infos),
         "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
@@ -43,7 +44,9 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
                                   default=math.nan),
         "torch_threads": max(i["torch_threads"] or 0 for i in infos),
         "torch": next((i["torch"] for i in infos if i["torch"]), None),
-        "finished": max(i["finished"] for i in infos), "parallel_runs": len(infos)}, indent=2))
+        "finished": max(i["finished"] for i in infos),
+        "merged_runs": sum(i.get("merged_runs", 1) for i in infos),
+        **({"note": " ; ".join(notes)} if notes else {})}, indent=2))
     return writer
 
 

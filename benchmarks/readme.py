@@ -18,15 +18,14 @@ BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=di
 
 def render(run_dir: Path) -> str:
     info = json.loads((run_dir / "run.json").read_text())
-    status, runs, seconds = info.get("status", "finished"), info.get("parallel_runs", 1), info["wall_clock_seconds"]
-    if status != "finished":
-        timing = f"status: {status}, longest part {seconds:.0f} s"
-    elif runs > 1:
-        timing = f"{runs} runs merged, the longest {seconds:.0f} s"
-    else:
-        timing = f"wall-clock {seconds:.0f} s"
-    return (f"Command: `{info['command']}` ({timing}, {info['torch_threads']} torch thread(s) each, "
-            f"finished {info['finished']}).\n\n" + (run_dir / "summary.md").read_text())
+    runs, seconds = info.get("merged_runs", 1), info["wall_clock_seconds"]
+    facts = [f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s",
+             f"{info['torch_threads']} torch thread(s) each", f"finished {info['finished']}"]
+    if info.get("status", "finished") != "finished":
+        facts.insert(0, f"status: {info['status']}")
+    if "note" in info:
+        facts.append(f"note: {info['note']}")
+    return f"Command: `{info['command']}` ({', '.join(facts)}).\n\n" + (run_dir / "summary.md").read_text()
 
 
 def main(readme: Path = Path("README.md")) -> int:

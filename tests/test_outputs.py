@@ -59,7 +59,7 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     assert "| bench | dkvb | 3 |" in (tmp_path / "merged" / "summary.md").read_text()
     assert len(pd.read_csv(tmp_path / "merged" / "accuracy_matrix.csv")) == 3 * 4
     info = json.loads((tmp_path / "merged" / "run.json").read_text())
-    assert info["command"] == "run [0, 1] ; run [2]" and info["parallel_runs"] == 2
+    assert info["command"] == "run [0, 1] ; run [2]" and info["merged_runs"] == 2 and "note" not in info
     with pytest.raises(ValueError, match="overlap"):
         merge([tmp_path / "a", tmp_path / "a"], tmp_path / "bad")
 
@@ -83,6 +83,12 @@ def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
     info = json.loads((tmp_path / "merged" / "run.json").read_text())
     assert info["status"] == "partial" and "not recorded" in info["command"]
     assert info["wall_clock_seconds"] == 11.0  # the recorded run's time, not NaN
+
+    run_json = json.loads((tmp_path / "a" / "run.json").read_text())
+    (tmp_path / "a" / "run.json").write_text(json.dumps({**run_json, "note": "reconstructed"}))
+    merge([tmp_path / "a", tmp_path / "merged"], tmp_path / "again", replace=True)
+    info = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert info["note"] == "reconstructed" and info["merged_runs"] == 3
 
 
 def test_merge_with_replace_takes_the_later_run_in_the_earlier_place(tmp_path):
