@@ -70,8 +70,12 @@ def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list
         raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run, or pass "
                          f"--replace to let later runs supersede earlier ones: {sorted(set(overlaps))}")
     rows = {(i, _key(row)): row for i, run in enumerate(runs) for row in run.rows}
-    matrix_rows = [row for i, run in enumerate(runs) for row in run.matrix_rows if owner[_key(row)] == i]
-    return [rows[owner[key], key] for key in order], matrix_rows
+    matrices = {key: [] for key in order}
+    for i, run in enumerate(runs):
+        for row in run.matrix_rows:
+            if owner[_key(row)] == i:
+                matrices[_key(row)].append(row)
+    return [rows[owner[key], key] for key in order], [row for key in order for row in matrices[key]]
 
 
 def _settings(run: ResultsWriter) -> dict:

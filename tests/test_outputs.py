@@ -107,6 +107,7 @@ def test_merge_with_replace_takes_the_later_run_in_the_earlier_place(tmp_path):
     matrix = pd.read_csv(tmp_path / "merged" / "accuracy_matrix.csv")
     replaced = matrix[(matrix.method == "dkvb") & (matrix.seed == 1)]
     assert len(replaced) == 4 and replaced.accuracy.max() == 0.95  # only the re-run's matrix
+    assert list(dict.fromkeys(zip(matrix.method, matrix.seed))) == [("dkvb", 0), ("dkvb", 1), ("ncm", 0)]
     assert json.loads((tmp_path / "merged" / "run.json").read_text())["command"] == "run [0, 1] ; rerun"
 
 
