@@ -30,7 +30,8 @@ def render(run_dir: Path) -> str:
 
 def main(readme: Path = Path("README.md")) -> int:
     text = readme.read_text()
-    missing = [m["dir"] for m in BLOCK.finditer(text) if not (Path(m["dir"]) / "run.json").exists()]
+    missing = [m["dir"] for m in BLOCK.finditer(text)
+               if not all((Path(m["dir"]) / name).exists() for name in ("run.json", "summary.md"))]
     if missing:
         print(f"No finished run in {missing} (expected run.json and summary.md there).", file=sys.stderr)
         return 1

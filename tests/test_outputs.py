@@ -126,5 +126,10 @@ def test_readme_blocks_are_filled_from_the_runs_outputs(tmp_path, monkeypatch):
     assert "Command: `run [0, 1] ; run [2]` (2 runs merged, the longest 12 s" in text
     assert text.count("| bench | dkvb | 2 |") == 1 and text.count("| bench | dkvb | 3 |") == 1
 
-    readme.write_text("<!-- results:results/missing -->\n<!-- /results:results/missing -->\n")
-    assert readme_main(readme) == 1  # no run there: the README is left as it was
+    (tmp_path / "results" / "started").mkdir()
+    (tmp_path / "results" / "started" / "run.json").write_text((tmp_path / "results" / "a" / "run.json").read_text())
+    for folder in ("missing", "started"):  # no run there / a run that has not finished one method yet
+        blocks = f"<!-- results:results/{folder} -->\n<!-- /results:results/{folder} -->\n"
+        readme.write_text(blocks)
+        assert readme_main(readme) == 1
+        assert readme.read_text() == blocks  # left as it was
