@@ -18,11 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.__main__ import main as run_benchmark, write_run_info
+from benchmarks.__main__ import main as run_benchmark, parse_args as parse_benchmark_args, write_run_info
 from benchmarks.outputs import atomic_write_text, summarise, to_markdown
 from benchmarks.real import STRENGTHS
 
 RESERVED = ("--methods", "--out", "--resume")  # set by the sweep for each run
+
+
+def _flag(strength: str) -> str:
+    return "--" + strength.replace("_", "-")
 
 
 def numbers(text: str) -> list[str]:
@@ -34,23 +38,22 @@ def numbers(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="sweep folder")
     for name, method in STRENGTHS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=numbers, default=[],
+        parser.add_argument(_flag(name), type=numbers, default=[],
                             help=f"comma-separated values for {method}")
     args, benchmark_args = parser.parse_known_args(argv)
     reserved = [a for a in benchmark_args if a.split("=")[0] in RESERVED]
     if reserved:
         parser.error(f"{reserved} are set by the sweep for each run; leave them out")
-    if not any(getattr(args, name) for name in STRENGTHS):
-        parser.error(f"nothing to sweep: give at least one of {['--' + n.replace('_', '-') for n in STRENGTHS]}")
+    swept = [method for name, method in STRENGTHS.items() if getattr(args, name)]
+    if not swept:
+        parser.error(f"nothing to sweep: give at least one of {[_flag(name) for name in STRENGTHS]}")
+    # The benchmark arguments are checked once, before any run: unknown options, a benchmark without these methods.
+    args.threads = parse_benchmark_args([*benchmark_args, "--methods", ",".join(swept)]).threads
     return args, benchmark_args
-
-
-def _threads(benchmark_args: list[str]) -> int:
-    return int(benchmark_args[benchmark_args.index("--threads") + 1]) if "--threads" in benchmark_args else 2
 
 
 def main(argv=None) -> int:
@@ -58,16 +61,15 @@ def main(argv=None) -> int:
     command = " ".join(["python -m benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_run_info(args.out, _threads(benchmark_args), command, 0.0, "running")
+    write_run_info(args.out, args.threads, command, 0.0, "running")
     frames = []
     for name, method in STRENGTHS.items():
         for value in getattr(args, name):
             run_dir = args.out / f"{method}_{value}"
-            status = run_benchmark([*benchmark_args, "--methods", method, f"--{name.replace('_', '-')}", value,
+            status = run_benchmark([*benchmark_args, "--methods", method, _flag(name), value,
                                     "--out", str(run_dir), "--resume"])
             if status != 0:
-                write_run_info(args.out, _threads(benchmark_args), command, time.perf_counter() - start,
-                               "interrupted")
+                write_run_info(args.out, args.threads, command, time.perf_counter() - start, "interrupted")
                 return status
             frames.append(pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}"))
     results = pd.concat(frames, ignore_index=True)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "results.csv", results.to_csv(index=False))
     atomic_write_text(args.out / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(args.out / "summary.md", to_markdown(summary))
-    write_run_info(args.out, _threads(benchmark_args), command, time.perf_counter() - start, "finished")
+    write_run_info(args.out, args.threads, command, time.perf_counter() - start, "finished")
     print((args.out / "summary.md").read_text())
     return 0
 

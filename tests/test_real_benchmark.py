@@ -99,6 +99,8 @@ def test_sweep_runs_each_strength_and_tabulates_them(tmp_path):
     (["--out", "x", "--benchmark", "split_cifar10_jpeg"], "nothing to sweep"),
     (["--out", "x", "--ewc-lambda", "1", "--methods", "dkvb"], "set by the sweep"),
     (["--out", "x", "--ewc-lambda", "1,strong"], "invalid numbers value"),
+    (["--out", "x", "--ewc-lambda", "1", "--benchmark", "split_cifar10_jpeg", "--epocs", "5"], "unrecognized arguments"),
+    (["--out", "x", "--si-lambda", "1", "--benchmark", "toy2d"], "unknown method(s) ['si'] for toy2d"),
 ])
 def test_sweep_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
