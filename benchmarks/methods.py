@@ -8,8 +8,8 @@ CLI sets them with --ewc-lambda, --lwf-alpha and --si-lambda. SI is Avalanche's 
 snapshots copied (Avalanche's own SI equals Naive on a CPU; see
 ``avalanche_dkvb.baselines.synaptic_intelligence``). Replay and GDumb keep ``memory`` samples.
 Streaming LDA, nearest class mean and random projection + ridge are closed form (one pass).
-``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256, K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different
-data set's embeddings).
+``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256,
+K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different data set's embeddings).
 """
 
 from __future__ import annotations
