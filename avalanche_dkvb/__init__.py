@@ -1,6 +1,7 @@
 """avalanche-dkvb: the Discrete Key-Value Bottleneck (Träuble, Goyal et al., ICML 2023) for Avalanche."""
 
 from avalanche_dkvb.bottleneck import KeyValueBottleneck
+from avalanche_dkvb.count_values import VALUE_RULES, CountValues, values_from_counts
 from avalanche_dkvb.decoders import DECODERS, LinearDecoder, MeanDecoder, create_decoder
 from avalanche_dkvb.key_init import ema_init_keys, init_keys, kmeans_init_keys
 from avalanche_dkvb.model import DKVBModel, create_dkvb_model
@@ -12,3 +13,4 @@ __all__ = [
     "check_local_optimizer", "create_decoder", "create_dkvb_model", "ema_init_keys", "init_keys",
     "kmeans_init_keys",
 ]
+__all__ += ["CountValues", "VALUE_RULES", "values_from_counts"]

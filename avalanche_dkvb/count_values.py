@@ -1,0 +1,228 @@
+"""DKVB with count values: per-key class counts in one pass, no SGD.
+
+Shape legend: B batch, D input size, C codebooks, K keys per codebook, k keys fetched per codebook
+(top-k), V value size (= number of classes), R = C*K rows of the value table.
+
+The keys stay what DKVB makes them (fixed heads, keys initialised on unlabelled data, then frozen);
+only the way the values are filled changes. Every training sample adds one to the count of its class
+in each of the C*k rows it selects; each row's value is a function of that row's counts alone:
+
+    ``"log_posterior"`` (default)  log(V * (n_kc + a) / (n_k + V a)): the Laplace-smoothed log class
+                                   posterior of the key, shifted by log V so an unvisited key is 0;
+    ``"posterior"``                V * (n_kc + a) / (n_k + V a) - 1, the same posterior, not logged;
+    ``"counts"``                   n_kc, the raw counts: what SGD on the values degenerates to at the
+                                   paper's settings (tiny steps around uniform logits).
+
+with ``n_kc`` the row's count of class c, ``n_k`` its total and ``a`` = ``smoothing``. The mean decoder
+then averages the selected rows over codebooks, as in DKVB. Consequences:
+
+- the model after a stream is exactly the same whatever the order of its samples and experiences
+  (integer counts; values recomputed from them);
+- a labelled sample changes only the value rows of the keys it selects; no sample is stored; no task
+  identity or boundary is used (values are refreshed after every minibatch);
+- :meth:`CountValues.forget_classes` removes classes exactly (the model equals one trained without
+  them).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Sequence
+
+import torch
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch.utils.data import DataLoader, Dataset
+
+from avalanche_dkvb.key_init import init_keys
+from avalanche_dkvb.model import DKVBModel
+from avalanche_dkvb.validation import check_positive_int
+
+VALUE_RULES = ("log_posterior", "posterior", "counts")
+
+
+def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smoothing: float = 1.0) -> torch.Tensor:
+    """Value rows from per-key class counts: (..., V) integer counts -> (..., V) float32 values.
+
+    Each output row depends only on the same input row; an all-zero row gives an all-zero value.
+    Computed in float64, so the result does not depend on how rows are batched.
+    """
+    if rule not in VALUE_RULES:
+        raise ValueError(f"rule must be one of {VALUE_RULES}, got {rule!r}.")
+    counts = counts.to(torch.float64)
+    if rule == "counts":
+        return counts.to(torch.float32)
+    num_classes = counts.shape[-1]
+    posterior = (counts + smoothing) / (counts.sum(-1, keepdim=True) + num_classes * smoothing)
+    relative = num_classes * posterior  # 1 for a uniform posterior
+    return (relative.log() if rule == "log_posterior" else relative - 1).to(torch.float32)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, batch_size: int) -> None:
+    """TypeError unless ``labels`` is an integer tensor; ValueError unless it is (B,) in [0, V)."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor, got {kind}.")
+    if tuple(labels.shape) != (batch_size,):
+        raise ValueError(f"labels must have shape ({batch_size},) to match the inputs, got {tuple(labels.shape)}.")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) (the value size), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}].")
+
+
+class CountValues(SupervisedTemplate):
+    """DKVB whose values are computed from per-key class counts instead of trained by SGD.
+
+    Used like :class:`avalanche_dkvb.DKVB` (``train(experience)``, ``eval(stream)``, any
+    ``EvaluationPlugin``) over a :class:`DKVBModel` with the mean decoder, e.g. from
+    ``create_dkvb_model``. Before the first training experience the keys are initialised on
+    ``init_data`` (unlabelled model inputs: a tensor (N, ...) or a dataset whose items are ``x`` or
+    ``(x, ...)``) with :func:`avalanche_dkvb.key_init.init_keys` and frozen; ``init_data`` may be
+    None only when the model's keys are frozen already.
+
+    One pass per experience: there is no ``train_epochs`` argument (it is fixed to 1), since a second
+    pass would count every sample twice; training the same experience twice does count it twice.
+    Each minibatch: training-mode lookup (no masking), ``bottleneck.count_usage`` (so evaluation masks
+    dormant keys as in DKVB), class counts added with ``index_add_``, and the touched value rows
+    recomputed. The training-minibatch output seen by metrics is computed before its own counts are
+    added (prequential, as Avalanche's ``StreamingLDA``). ``class_counts`` is (C, K, V) int32.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: DKVBModel,
+        value_rule: str = "log_posterior",
+        smoothing: float = 1.0,
+        init_data: torch.Tensor | Dataset | None = None,
+        key_init: str = "ema",
+        key_init_kwargs: dict | None = None,
+        train_mb_size: int = 1024,
+        eval_mb_size: int = 1024,
+        embed_batch_size: int = 1024,
+        device: str | torch.device = "cpu",
+        plugins: Sequence | None = None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+    ):
+        if not isinstance(model, DKVBModel):
+            raise TypeError(f"CountValues needs a DKVBModel, got {type(model).__name__}.")
+        if not model.uses_mean_decoder:
+            raise ValueError(f"CountValues needs the mean decoder (values are class scores), got "
+                             f"{type(model.decoder).__name__}.")
+        if value_rule not in VALUE_RULES:
+            raise ValueError(f"value_rule must be one of {VALUE_RULES}, got {value_rule!r}.")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
+            raise TypeError(f"smoothing must be a real number, got {type(smoothing).__name__}.")
+        if not smoothing > 0 and value_rule != "counts":
+            raise ValueError(f"smoothing must be > 0 for value_rule={value_rule!r} (a pseudo-count "
+                             f"per class), got {smoothing}.")
+        check_positive_int("embed_batch_size", embed_batch_size)
+        if init_data is None and not bool(model.bottleneck.keys_frozen):
+            raise ValueError("CountValues needs init_data (unlabelled inputs for the key initialisation) "
+                             "unless the model's keys are frozen already.")
+        super().__init__(model=model, optimizer=None, train_mb_size=train_mb_size, train_epochs=1,
+                         eval_mb_size=eval_mb_size, device=device, plugins=plugins, evaluator=evaluator,
+                         eval_every=eval_every)
+        self.value_rule, self.smoothing = value_rule, float(smoothing)
+        self.init_data, self.key_init = init_data, key_init
+        self.key_init_kwargs = dict(key_init_kwargs or {})
+        self.embed_batch_size = embed_batch_size
+        bottleneck = model.bottleneck
+        self.class_counts = torch.zeros(bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.value_dim,
+                                        dtype=torch.int32, device=bottleneck.values.device)
+
+    # -- Avalanche extension points --------------------------------------------------------------
+    def make_optimizer(self, **kwargs):
+        """No optimizer: the values are computed from counts."""
+
+    def _before_training_exp(self, **kwargs):
+        bottleneck = self.model.bottleneck
+        self.class_counts = self.class_counts.to(bottleneck.values.device)
+        if not bool(bottleneck.keys_frozen):
+            init_keys(bottleneck, self._embed(self.init_data), self.key_init, **self.key_init_kwargs)
+            bottleneck.freeze_keys()
+            self._refresh_values(None)  # every row = the rule at zero counts, before any labelled data
+        super()._before_training_exp(**kwargs)
+
+    @torch.no_grad()
+    def training_epoch(self, **kwargs):
+        """One counting pass over the experience (minibatch callbacks fire as in the generic loop)."""
+        for self.mbatch in self.dataloader:
+            if self._stop_training:
+                break
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+            self.loss = self._make_empty_loss()
+            flat_idx = self.model.bottleneck.flat_indices(self.model.embed(self.mb_x))  # (B, C*k)
+            self._before_forward(**kwargs)
+            self.mb_output = self._logits(flat_idx)
+            self._after_forward(**kwargs)
+            self.loss += self.criterion()
+            self._before_update(**kwargs)
+            self._absorb(flat_idx, self.mb_y)
+            self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+    # -- counts ------------------------------------------------------------------------------------
+    def _absorb(self, flat_idx: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one count of each sample's class to each row it selects: flat_idx (B, C*k), labels (B,)."""
+        bottleneck = self.model.bottleneck
+        _check_labels(labels, bottleneck.value_dim, flat_idx.shape[0])
+        bottleneck.count_usage(flat_idx)
+        cells = flat_idx * bottleneck.value_dim + labels.unsqueeze(1)  # (B, C*k) cells of the (R, V) table
+        cells = cells.flatten()
+        self.class_counts.view(-1).index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
+        self._refresh_values(flat_idx.flatten().unique())
+
+    def _refresh_values(self, rows: torch.Tensor | None) -> None:
+        """Recompute the value rows ``rows`` (R' indices into the (R, V) table; None = all rows)."""
+        bottleneck = self.model.bottleneck
+        counts = self.class_counts.view(-1, bottleneck.value_dim)
+        values = bottleneck.values.data.view(-1, bottleneck.value_dim)
+        if rows is None:
+            values.copy_(values_from_counts(counts, self.value_rule, self.smoothing))
+        else:
+            values[rows] = values_from_counts(counts[rows], self.value_rule, self.smoothing).to(values.device)
+
+    @torch.no_grad()
+    def forget_classes(self, classes: Iterable[int]) -> None:
+        """Remove every count of ``classes`` (ints in [0, V)) and their key selections from the usage
+        counters, then recompute the affected rows: the model equals one trained without those
+        classes' samples (keys selected only by them become dormant again)."""
+        bottleneck = self.model.bottleneck
+        classes = list(classes)
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+                raise TypeError(f"classes must be integers, got {c!r} ({type(c).__name__}).")
+            if not 0 <= c < bottleneck.value_dim:
+                raise ValueError(f"classes must lie in [0, {bottleneck.value_dim}) (the value size), got {c}.")
+        if not classes:
+            return
+        columns = torch.tensor(sorted(set(classes)), device=self.class_counts.device)
+        removed = self.class_counts[..., columns].sum(-1)  # (C, K) selections by the forgotten classes
+        if bool((removed > bottleneck.usage_counts).any()):
+            raise RuntimeError("The usage counters hold fewer selections than the class counts; they were "
+                               "reset or changed outside this strategy, so forgetting cannot be exact.")
+        self.class_counts[..., columns] = 0
+        bottleneck.usage_counts -= removed.to(bottleneck.usage_counts.dtype)
+        self._refresh_values(torch.nonzero(removed.flatten()).flatten())
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _logits(self, flat_idx: torch.Tensor) -> torch.Tensor:
+        """The model's output for already-looked-up rows: flat_idx (B, C*k) -> logits (B, V)."""
+        bottleneck = self.model.bottleneck
+        fetched = bottleneck.values.view(-1, bottleneck.value_dim)[flat_idx]  # (B, C*k, V)
+        fetched = fetched.view(flat_idx.shape[0], bottleneck.num_codebooks, bottleneck.top_k, -1).mean(2)
+        return self.model.decoder(fetched)
+
+    @torch.no_grad()
+    def _embed(self, data) -> torch.Tensor:
+        """The frozen encoder's embeddings (N, D) of unlabelled ``data``, in batches."""
+        if isinstance(data, torch.Tensor):
+            batches = data.split(self.embed_batch_size)
+        else:
+            batches = (b[0] if isinstance(b, (tuple, list)) else b
+                       for b in DataLoader(data, batch_size=self.embed_batch_size))
+        return torch.cat([self.model.embed(b.to(self.device)) for b in batches])

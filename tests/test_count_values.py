@@ -1,0 +1,180 @@
+"""CountValues: DKVB with per-key class counts. Order invariance, exact class unlearning, locality,
+key initialisation before labelled data, usage counting for the eval-time masking, input errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from avalanche.benchmarks import tensors_benchmark
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+
+from avalanche_dkvb import CountValues, create_dkvb_model, init_keys, values_from_counts
+
+DIM, CLASSES = 16, 4
+KEY_INIT = {"epochs": 2, "batch_size": 64}
+
+
+def clusters(per_class: int, seed: int):
+    """Overlapping Gaussian class clusters: (CLASSES * per_class, DIM) inputs, int64 labels."""
+    centres = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(123))
+    y = torch.arange(CLASSES).repeat_interleave(per_class)
+    return centres[y] + torch.randn(len(y), DIM, generator=torch.Generator().manual_seed(seed)), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return (*clusters(40, seed=1), *clusters(20, seed=2))
+
+
+def stream(data, class_order=(0, 1, 2, 3), without_class=None):
+    """Two experiences of two classes each, in ``class_order``; ``without_class``: its training samples
+    are dropped (the stream a model trained without that class would have seen)."""
+    train_x, train_y, test_x, test_y = data
+    groups = [class_order[:2], class_order[2:]]
+
+    def part(x, y, classes, drop=None):
+        keep = torch.isin(y, torch.tensor(classes)) & (y != drop if drop is not None else True)
+        return x[keep], y[keep]
+
+    return tensors_benchmark(train_tensors=[part(train_x, train_y, g, without_class) for g in groups],
+                             test_tensors=[part(test_x, test_y, g) for g in groups], task_labels=[0, 0])
+
+
+def unlabelled():
+    return torch.randn(300, DIM, generator=torch.Generator().manual_seed(5))
+
+
+def frozen_model(top_k=1):
+    """A small model (8 codebooks x 32 keys of size 4), keys by EMA on unlabelled noise, frozen."""
+    model = create_dkvb_model(DIM, CLASSES, num_codebooks=8, num_keys=32, key_dim=4, top_k=top_k,
+                              generator=torch.Generator().manual_seed(0))
+    init_keys(model.bottleneck, unlabelled(), "ema", generator=torch.Generator().manual_seed(0), **KEY_INIT)
+    model.bottleneck.freeze_keys()
+    return model
+
+
+def counting(model, **kwargs):
+    kwargs.setdefault("evaluator", EvaluationPlugin(loggers=[]))
+    return CountValues(model=model, **kwargs)
+
+
+def train_all(strategy, benchmark, experiences=None):
+    for i in experiences or range(len(benchmark.train_stream)):
+        strategy.train(benchmark.train_stream[i])
+    return strategy
+
+
+def predictions(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def test_values_from_counts_rules():
+    counts = torch.tensor([[0, 0, 0], [3, 1, 0]], dtype=torch.int32)
+    log_post = values_from_counts(counts, "log_posterior", smoothing=1.0)
+    assert torch.equal(log_post[0], torch.zeros(3))  # an unvisited key is neutral
+    expected = torch.log(3 * torch.tensor([4.0, 2.0, 1.0]) / 7)
+    torch.testing.assert_close(log_post[1], expected)
+    post = values_from_counts(counts, "posterior", smoothing=0.5)
+    torch.testing.assert_close(post[1], 3 * torch.tensor([3.5, 1.5, 0.5]) / 5.5 - 1)
+    assert torch.equal(values_from_counts(counts, "counts"), counts.float())
+    with pytest.raises(ValueError, match="rule must be one of"):
+        values_from_counts(counts, "softmax")
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_same_model_whatever_the_order(data, top_k):
+    base = frozen_model(top_k)
+    torch.manual_seed(0)
+    forward = train_all(counting(copy.deepcopy(base), train_mb_size=16), stream(data))
+    torch.manual_seed(1)  # another shuffle, another batch size, experiences in the opposite order
+    backward = train_all(counting(copy.deepcopy(base), train_mb_size=7), stream(data, (2, 3, 0, 1)))
+    assert forward.class_counts.sum() == 160 * 8 * top_k
+    assert torch.equal(forward.class_counts, backward.class_counts)
+    assert torch.equal(forward.model.bottleneck.values, backward.model.bottleneck.values)
+    assert torch.equal(forward.model.bottleneck.usage_counts, backward.model.bottleneck.usage_counts)
+    test_x = data[2]
+    assert torch.equal(forward.model(test_x), backward.model(test_x))  # eval mode: masked lookup
+
+
+def test_forget_classes_equals_training_without_them(data):
+    base = frozen_model()
+    full = train_all(counting(copy.deepcopy(base)), stream(data))
+    full.forget_classes([1])
+    without = train_all(counting(copy.deepcopy(base)), stream(data, without_class=1))
+    assert int(full.class_counts[..., 1].sum()) == 0
+    assert torch.equal(full.class_counts, without.class_counts)
+    assert torch.equal(full.model.bottleneck.usage_counts, without.model.bottleneck.usage_counts)
+    assert torch.equal(full.model.bottleneck.values, without.model.bottleneck.values)
+    test_x, test_y = data[2], data[3]
+    assert torch.equal(predictions(full.model, test_x), predictions(without.model, test_x))
+    assert not (predictions(full.model, test_x) == 1).any()  # nothing left votes for the class
+
+
+def test_forget_classes_refuses_bad_classes(data):
+    strategy = train_all(counting(frozen_model()), stream(data))
+    with pytest.raises(TypeError, match="integers"):
+        strategy.forget_classes([1.0])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        strategy.forget_classes([4])
+
+
+def test_counts_rows_it_selects_only_and_matches_usage(data):
+    model = frozen_model()
+    strategy = counting(model)
+    benchmark = stream(data)
+    strategy.train(benchmark.train_stream[0])
+    before = model.bottleneck.values.detach().clone()
+    strategy.train(benchmark.train_stream[1])
+    x = data[0][data[1] >= 2]  # the second experience's inputs
+    selected = torch.zeros(8 * 32, dtype=torch.bool)
+    selected[model.bottleneck.flat_indices(x).flatten()] = True
+    changed = (model.bottleneck.values.detach() != before).any(-1).flatten()
+    assert changed.any()
+    assert not (changed & ~selected).any()  # no row outside the selected ones moved
+    assert torch.equal(model.bottleneck.usage_counts, strategy.class_counts.sum(-1).long())
+
+
+def test_initialises_keys_on_init_data_then_freezes(data):
+    model = create_dkvb_model(DIM, CLASSES, num_codebooks=8, num_keys=32, key_dim=4, value_init="normal")
+    random_keys = model.bottleneck.keys.clone()
+    strategy = counting(model, init_data=unlabelled(), key_init_kwargs=KEY_INIT)
+    strategy.train(stream(data).train_stream[0])
+    assert bool(model.bottleneck.keys_frozen) and not torch.equal(random_keys, model.bottleneck.keys)
+    unused = strategy.class_counts.sum(-1) == 0
+    assert torch.equal(model.bottleneck.values.detach()[unused], torch.zeros(int(unused.sum()), CLASSES))
+
+
+def test_any_evaluation_plugin_and_learns(data):
+    evaluator = EvaluationPlugin(accuracy_metrics(minibatch=True, epoch=True, stream=True), loggers=[])
+    strategy = counting(frozen_model(), evaluator=evaluator)
+    benchmark = stream(data)
+    train_all(strategy, benchmark)
+    metrics = strategy.eval(benchmark.test_stream)
+    assert metrics["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.6  # chance is 0.25
+    assert strategy.train_epochs == 1
+
+
+def test_bad_inputs_give_clear_errors(data):
+    with pytest.raises(TypeError, match="DKVBModel"):
+        CountValues(model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="mean decoder"):
+        CountValues(model=create_dkvb_model(DIM, CLASSES, num_codebooks=4, num_keys=8, decoder="linear"),
+                    init_data=unlabelled())
+    with pytest.raises(ValueError, match="init_data"):
+        CountValues(model=create_dkvb_model(DIM, CLASSES, num_codebooks=4, num_keys=8))
+    with pytest.raises(ValueError, match="value_rule"):
+        counting(frozen_model(), value_rule="softmax")
+    with pytest.raises(ValueError, match="smoothing"):
+        counting(frozen_model(), smoothing=0.0)
+    strategy = counting(frozen_model())
+    x = data[0][:4]
+    idx = strategy.model.bottleneck.flat_indices(x)
+    with pytest.raises(TypeError, match="integer tensor"):
+        strategy._absorb(idx, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        strategy._absorb(idx, torch.tensor([0, 1, 2, 4]))
