@@ -21,7 +21,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training import EWC, GDumb, LwF, Naive, Replay, Cumulative
 from torch import nn
 
-from avalanche_dkvb import DKVB, create_dkvb_model
+from avalanche_dkvb import DKVB, CountValues, create_dkvb_model
 from avalanche_dkvb.baselines import CopyingSynapticIntelligence, NearestClassMean, RandomProjectionRidge
 from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin
 
@@ -78,6 +78,12 @@ def _dkvb(s: MethodSettings, evaluator):
                 key_init_kwargs={"epochs": s.key_init_epochs})
 
 
+def _dkvb_counts(s: MethodSettings, evaluator):
+    """DKVB's model and keys, values from per-key class counts (one pass; ``epochs`` does not apply)."""
+    return CountValues(model=create_dkvb_model(s.input_dim, s.num_classes), device=s.device, evaluator=evaluator,
+                       init_data=s.key_init_data, key_init_kwargs={"epochs": s.key_init_epochs})
+
+
 def _slda(s: MethodSettings, evaluator):
     from avalanche_dkvb.baselines import BatchedStreamingLDA
     return BatchedStreamingLDA(input_size=s.input_dim, num_classes=s.num_classes, device=s.device,
@@ -86,6 +92,7 @@ def _slda(s: MethodSettings, evaluator):
 
 METHODS = {
     "dkvb": _dkvb,
+    "dkvb_counts": _dkvb_counts,
     "linear": lambda s, ev: _sgd(Naive, _linear(s), s, ev),
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
