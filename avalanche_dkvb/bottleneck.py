@@ -84,10 +84,12 @@ class KeyValueBottleneck(nn.Module):
         self.values = nn.Parameter(values)  # (C, K, V)
 
     # -- state -------------------------------------------------------------------------------
-    def freeze_keys(self) -> None:
-        """Freeze the keys for good and reset usage counters (call after key initialisation)."""
+    def freeze_keys(self, reset_usage: bool = True) -> None:
+        """Freeze the keys for good (call after key initialisation); ``reset_usage`` zeroes the usage
+        counters (keep them when freezing keys that values were already trained with)."""
         self.keys_frozen.fill_(True)
-        self.reset_usage()
+        if reset_usage:
+            self.reset_usage()
 
     def reset_usage(self) -> None:
         self.usage_counts.zero_()

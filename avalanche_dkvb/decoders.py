@@ -23,6 +23,7 @@ class MeanDecoder(nn.Module):
                 f"num_classes; got value_dim={value_dim}, num_classes={num_classes}. Set "
                 f"value_dim={num_classes} or use decoder='linear'."
             )
+        self.num_classes = num_classes
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return values.mean(dim=1)  # (B, C, V) -> (B, V): average over codebooks, never over V
@@ -33,6 +34,7 @@ class LinearDecoder(nn.Module):
 
     def __init__(self, num_codebooks: int, value_dim: int, num_classes: int):
         super().__init__()
+        self.num_classes = num_classes
         self.linear = nn.Linear(num_codebooks * value_dim, num_classes)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,30 @@
-"""Training values from cached key indices, without autograd.
+"""Training values from cached key indices, without autograd, inside Avalanche's own training loop.
 
-With encoder, projection and keys frozen, a training sample always selects the same keys, so its
-rows of ``values.view(C*K, V)`` are computed once per experience (C*k, N). With the mean decoder,
-mean cross-entropy (label smoothing s) and plain SGD (lr), one step on a batch of b samples is:
+With encoder, projection and keys frozen, a training sample always selects the same keys, i.e. the
+same rows of ``values.view(C*K, V)``. The fast path only replaces what one iteration computes, not the
+loop: Avalanche's ``training_epoch`` still runs over ``strategy.dataloader`` and fires every callback,
+so metrics, loggers, LR schedulers and plugins see the real minibatch, outputs and loss. With the mean
+decoder, mean cross-entropy (label smoothing s) and plain SGD (lr), for a batch of b samples:
 
-    logits = mean of the selected value rows                     (b, V)   gather + mean
-    g      = (softmax(logits) - ((1-s) onehot(y) + s/V)) / b     (b, V)   exact dLoss/dlogits
-    values[row] -= lr * g / (C*k)  for every selected row        sparse update (index_add_)
+    forward   logits = mean of the selected value rows                      (b, V)   gather + mean
+    backward  g = (softmax(logits) - ((1-s) onehot(y) + s/V)) / b           (b, V)   exact dLoss/dlogits
+    step      values[row] -= lr * g / (C*k)  for every selected row          sparse update (index_add_)
 
-which is exactly the gradient autograd would compute through the mean decoder, applied by SGD, so
-only the selected rows change. The step is fused by ``torch.compile`` (eager where unavailable).
-Gradient clipping never acts here: the whole gradient's norm is at most sqrt(2 / (C*k)) (each
-sample's g has norm <= sqrt(2)/b, shared over C*k rows), so the fast path is only taken when the
-clip threshold is at least that bound.
+which is exactly the gradient autograd computes through the mean decoder, applied by SGD, so only the
+selected rows change. Gradient clipping never acts: the whole gradient's norm is at most
+sqrt(2 / (C*k)) (each sample's g has norm <= sqrt(2)/b, shared over C*k rows), so the fast path is
+only taken when the clip threshold is at least that bound.
+
+Where the rows come from:
+- :class:`CachedExperienceBatches` when the strategy trains on its own default loader: the experience
+  (its eval-mode dataset: no training augmentations) is materialised once with its rows, codebook-major
+  (C*k, N); each epoch is a shuffle (or not) and contiguous slices.
+- :class:`RowsByContent` when a plugin replaced the loader (e.g. Replay's buffer): the loader itself
+  is iterated and each input's rows are found by its content, computed once per distinct input.
+
+Whether the fast path may run at all is decided by :func:`fast_path_blocker` from an explicit
+allow-list of plugins (:data:`EXACT_PLUGINS`) and the ``dkvb_fast_path_exact`` attribute a user's
+plugin can set.
 
 Shape legend: N samples, b batch, C codebooks, K keys, k top-k, V value size (= classes).
 """
@@ -22,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +43,68 @@ from torch.utils.data import DataLoader
 
 from avalanche_dkvb.model import DKVBModel
 
+FAST_PATH_EXACT_ATTRIBUTE = "dkvb_fast_path_exact"
 
-def fast_path_blocker(strategy) -> str | None:
-    """Why ``strategy`` cannot train through the fast path, or None if it can."""
-    model, optimizer, criterion = strategy.model, strategy.optimizer, strategy._criterion
+
+# -- eligibility -----------------------------------------------------------------------------------
+def _always(plugin, strategy) -> str | None:
+    return None
+
+
+def _periodic_eval(plugin, strategy) -> str | None:
+    if plugin.peval_mode == "iteration" and plugin.eval_every > 0:
+        return "it evaluates every N iterations, in the middle of an epoch"
+    return None
+
+
+def _lr_scheduler(plugin, strategy) -> str | None:
+    if plugin.scheduler.optimizer is not strategy.optimizer:
+        return "its scheduler drives another optimizer than the strategy's"
+    return None
+
+
+def _exact_plugins() -> dict[type, Callable]:
+    """Avalanche plugins whose callbacks the fast path keeps exact, with the condition each needs.
+
+    - EvaluationPlugin, Clock: they only observe; every callback fires with the true minibatch, output
+      and loss.
+    - PeriodicEval: evaluating between epochs is exact; every N iterations is not (usage counts and the
+      masked lookup would see a half-counted epoch).
+    - LRSchedulerPlugin (epoch or iteration): the step reads the learning rate at every update.
+    - ReplayPlugin: it replaces the loader, which the fast path then iterates (:class:`RowsByContent`).
+    - GDumbPlugin: it replaces the adapted dataset and resets the model before the loader is built.
+    - EarlyStoppingPlugin: it only calls ``stop_training``, which Avalanche's loop obeys.
+    """
+    from avalanche.training.plugins import (EarlyStoppingPlugin, EvaluationPlugin, GDumbPlugin,
+                                            LRSchedulerPlugin, ReplayPlugin)
+    from avalanche.training.plugins.clock import Clock
+    from avalanche.training.templates.base_sgd import PeriodicEval
+    from avalanche_dkvb.plugin import DKVBPlugin
+    return {EvaluationPlugin: _always, Clock: _always, PeriodicEval: _periodic_eval, DKVBPlugin: _always,
+            LRSchedulerPlugin: _lr_scheduler, ReplayPlugin: _always, GDumbPlugin: _always,
+            EarlyStoppingPlugin: _always}
+
+
+def plugin_blocker(plugin, strategy) -> str | None:
+    """Why ``plugin`` keeps the fast path from being exact, or None.
+
+    A plugin is exact if it declares ``dkvb_fast_path_exact = True`` (its callbacks change neither the
+    loss, the gradients, the parameters nor the data in a way the fast path would miss) or its type is
+    in the allow-list (:func:`_exact_plugins`) and meets that entry's condition. A declared ``False``
+    always blocks."""
+    declared = getattr(plugin, FAST_PATH_EXACT_ATTRIBUTE, None)
+    if declared is not None:
+        return None if declared else f"it declares {FAST_PATH_EXACT_ATTRIBUTE} = False"
+    condition = _exact_plugins().get(type(plugin))
+    if condition is None:
+        return (f"it is not known to be exact there (set {FAST_PATH_EXACT_ATTRIBUTE} = True on a plugin "
+                "whose callbacks leave loss, gradients, parameters and data alone)")
+    return condition(plugin, strategy)
+
+
+def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | None) -> str | None:
+    """Why ``strategy`` cannot train through the fast path with ``criterion``, or None if it can."""
+    model, optimizer = strategy.model, strategy.optimizer
     if not isinstance(model, DKVBModel) or not model.uses_mean_decoder:
         return "the model is not a DKVBModel with the non-parametric mean decoder"
     if not bool(model.bottleneck.keys_frozen):
@@ -49,85 +120,140 @@ def fast_path_blocker(strategy) -> str | None:
             or criterion.reduction != "mean":
         return "the criterion is not a plain mean nn.CrossEntropyLoss"
     bound = math.sqrt(2.0 / (model.bottleneck.num_codebooks * model.bottleneck.top_k))
-    clip = getattr(strategy, "clip_grad_norm", None)
-    if clip is not None and clip < bound:
-        return f"gradient clipping at {clip} could act (gradient norm bound {bound:.3g})"
-    hooked = [type(p).__name__ for p in strategy.plugins if _has_iteration_hooks(p)]
-    if hooked:
-        return f"plugin(s) {hooked} need per-iteration callbacks"
+    if clip_grad_norm is not None and clip_grad_norm < bound:
+        return f"gradient clipping at {clip_grad_norm} could act (gradient norm bound {bound:.3g})"
+    for plugin in strategy.plugins:
+        reason = plugin_blocker(plugin, strategy)
+        if reason is not None:
+            return f"plugin {type(plugin).__name__}: {reason}"
     return None
 
 
-_ITERATION_HOOKS = ("before_training_iteration", "before_forward", "after_forward", "before_backward",
-                    "after_backward", "before_update", "after_update", "after_training_iteration")
-
-
-def _has_iteration_hooks(plugin) -> bool:
-    """True if the plugin overrides a per-iteration training callback. Excepted: evaluation plugins
-    (in the fast path training-minibatch metrics are simply not reported), Avalanche's Clock (its
-    iteration counters do not advance) and PeriodicEval unless it evaluates every N iterations.
-
-    The iteration hooks' no-op defaults live on ``BaseSGDPlugin`` (``BasePlugin`` has none), so a
-    hook counts as overridden when the plugin's class has it and it is not that default."""
-    from avalanche.core import BaseSGDPlugin
-    from avalanche.training.plugins import EvaluationPlugin
-    from avalanche.training.plugins.clock import Clock
-    from avalanche.training.templates.base_sgd import PeriodicEval
-    if isinstance(plugin, (EvaluationPlugin, Clock)):
-        return False
-    if isinstance(plugin, PeriodicEval):
-        return plugin.peval_mode == "iteration" and plugin.eval_every > 0
-    for hook in _ITERATION_HOOKS:
-        method = getattr(type(plugin), hook, None)
-        if method is not None and method is not getattr(BaseSGDPlugin, hook, None):
-            return True
-    return False
-
-
-class CachedIndexTrainer:
-    """Holds one experience's selected rows, codebook-major (C*k, N), and targets (N,), and runs SGD
-    epochs on them.
+# -- where the rows come from ----------------------------------------------------------------------
+class CachedExperienceBatches:
+    """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
+    selected rows, codebook-major (C*k, N). Iterating yields ``len(self)`` batches of ``batch_size``
+    (a fresh permutation from torch's global RNG each time when ``shuffle``), and sets
+    :attr:`current_rows` (C*k, b) to the rows of the batch just yielded.
 
     Codebook-major order makes each step visit the value table one codebook slice (K rows) at a time,
-    which stays in cache: about 1.6x faster than sample-major order at the paper's scale.
-    """
+    which stays in cache: about 1.6x faster than sample-major order at the paper's scale. Holds the
+    experience's inputs (N, ...) in memory, like any in-memory loader."""
 
-    def __init__(self, model: DKVBModel, dataset, batch_size: int, device, compiled: bool = True):
-        self.model = model
-        self.compiled = compiled
-        self.step = compiled_sgd_step() if compiled else sgd_step
-        rows, targets = [], []
+    def __init__(self, model: DKVBModel, dataset, batch_size: int, shuffle: bool, device):
+        xs, ys, ts, rows = [], [], [], []
         with torch.no_grad():  # the training lookup searches all keys, dormant or not
-            for x, y, *_ in DataLoader(dataset, batch_size=max(batch_size, 1024)):
-                rows.append(model.bottleneck.flat_indices(model.embed(x.to(device)), only_used=False))
-                targets.append(y.to(device))
+            for x, y, t, *_ in DataLoader(dataset, batch_size=max(batch_size, 1024)):
+                x = x.to(device)
+                rows.append(model.bottleneck.flat_indices(model.embed(x), only_used=False))
+                xs.append(x)
+                ys.append(y.to(device))
+                ts.append(t.to(device))
+        self.inputs, self.targets, self.task_labels = torch.cat(xs), torch.cat(ys), torch.cat(ts)
         self.rows = torch.cat(rows).T.contiguous()  # (C*k, N)
-        self.targets = torch.cat(targets).long()  # (N,)
-        self.batch_size = batch_size
-        self.epoch_counts = torch.bincount(self.rows.flatten(), minlength=model.bottleneck.usage_counts.numel())
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.current_rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def __iter__(self):
+        inputs, targets, task_labels, rows = self.inputs, self.targets, self.task_labels, self.rows
+        if self.shuffle:  # one permutation per epoch; each step then reads contiguous column blocks
+            order = torch.randperm(len(targets), device=targets.device)
+            inputs, targets, task_labels, rows = inputs[order], targets[order], task_labels[order], rows[:, order]
+        for start in range(0, len(targets), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            self.current_rows = rows[:, batch]
+            yield [inputs[batch], targets[batch], task_labels[batch]]
+
+
+class RowsByContent:
+    """Wraps any training loader (e.g. Avalanche's ReplayDataLoader) and sets :attr:`current_rows`
+    (C*k, b) for each minibatch it yields, unchanged.
+
+    Rows are looked up by the input's content: a 64-bit hash of its bytes, then an exact comparison
+    with the stored input, so a hash collision only costs a recomputation. Inputs not found are
+    embedded and searched once and stored, up to ``max_cached_bytes`` of stored inputs (beyond that,
+    e.g. with random augmentations, they are recomputed each time: slower, still exact)."""
+
+    def __init__(self, loader, model: DKVBModel, max_cached_bytes: int = 2**30):
+        self.loader, self.model, self.max_cached_bytes = loader, model, max_cached_bytes
+        self.current_rows: torch.Tensor | None = None
+        self._hashes = self._inputs = self._rows = None  # sorted by hash: (M,), (M, F), (M, C*k)
+        self._weights: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for mbatch in self.loader:
+            self.current_rows = self.rows_of(mbatch[0]).T.contiguous()
+            yield mbatch
+
+    def _words(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs' bytes as int64 words: (b, ...) -> (b, W)."""
+        flat = x.detach().reshape(len(x), -1).contiguous()
+        words = flat.view(torch.int32) if flat.element_size() == 4 else flat.view(torch.uint8)
+        return words.long()
 
     @torch.no_grad()
-    def run_epoch(self, lr: float, label_smoothing: float, shuffle: bool = True) -> float:
-        """One epoch of SGD steps over the cached rows; returns the mean training loss."""
-        values = self.model.bottleneck.values.detach().view(-1, self.model.bottleneck.value_dim)  # shares storage
-        lr_t, smoothing_t = torch.tensor(lr), torch.tensor(label_smoothing)  # tensors: no recompiles
-        rows, targets = self.rows, self.targets
-        if shuffle:  # one permutation per epoch; each step then reads contiguous column blocks
-            order = torch.randperm(len(targets), device=targets.device)
-            rows, targets = rows[:, order], targets[order]
-        total_loss = 0.0
-        with _threads(1 if self.compiled else torch.get_num_threads()):
-            for start in range(0, len(targets), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                total_loss += float(self.step(values, rows[:, batch], targets[batch], lr_t, smoothing_t))
-        self.model.bottleneck.usage_counts.view(-1).add_(self.epoch_counts)
-        return total_loss / len(targets)
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Selected rows (b, C*k) of inputs x (b, ...)."""
+        words = self._words(x)
+        if self._weights is None:
+            generator = torch.Generator().manual_seed(0)
+            self._weights = torch.randint(1, 2**62, (words.shape[1],), generator=generator).to(words.device)
+        hashes = (words * self._weights).sum(1)  # wraps modulo 2^64: any fixed mixing of the bytes will do
+        rows = torch.empty(len(x), self.model.bottleneck.num_codebooks * self.model.bottleneck.top_k,
+                           dtype=torch.long, device=x.device)
+        found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        if self._hashes is not None:
+            pos = torch.searchsorted(self._hashes, hashes).clamp_max(len(self._hashes) - 1)
+            found = (self._hashes[pos] == hashes) & (self._inputs[pos] == words).all(1)
+            rows[found] = self._rows[pos[found]]
+        missing = ~found
+        if bool(missing.any()):
+            fresh = self.model.bottleneck.flat_indices(self.model.embed(x[missing]), only_used=False)
+            rows[missing] = fresh
+            self._store(hashes[missing], words[missing], fresh)
+        return rows
+
+    def _store(self, hashes: torch.Tensor, words: torch.Tensor, rows: torch.Tensor) -> None:
+        stored = 0 if self._inputs is None else self._inputs.numel()
+        if (stored + words.numel()) * words.element_size() > self.max_cached_bytes:
+            return
+        if self._hashes is not None:
+            hashes, words, rows = (torch.cat([a, b]) for a, b in
+                                   ((self._hashes, hashes), (self._inputs, words), (self._rows, rows)))
+        order = hashes.argsort()
+        self._hashes, self._inputs, self._rows = hashes[order], words[order], rows[order]
+
+
+# -- the step --------------------------------------------------------------------------------------
+def gather_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits of a batch: the mean of its selected rows of ``values`` (C*K, V), rows (C*k, b) -> (b, V)."""
+    return values[rows].mean(0)
+
+
+def scatter_update(values: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> None:
+    """Add ``update`` (b, V) to every selected row of ``values`` (C*K, V) in place; rows (C*k, b)."""
+    values.index_add_(0, rows.flatten(), update.repeat(rows.shape[0], 1))
+
+
+def logit_gradient(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """dLoss/dlogits (b, V) of mean cross-entropy with label smoothing, for logits (b, V), labels (b,)."""
+    num_classes = logits.shape[1]
+    target = F.one_hot(y, num_classes).to(logits.dtype) * (1 - label_smoothing) + label_smoothing / num_classes
+    return (logits.softmax(dim=1) - target) / len(y)
 
 
 @contextmanager
-def _threads(count: int):
-    """Run with ``count`` torch threads. The compiled step moves ~65k value rows per batch at the
-    paper's scale, too little work to share: on 2 cores one thread was 2-3x faster than two."""
+def torch_threads(count: int | None):
+    """Run with ``count`` torch threads (None: leave the setting alone), restoring it afterwards."""
+    if count is None:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -136,35 +262,61 @@ def _threads(count: int):
         torch.set_num_threads(previous)
 
 
-def sgd_step(values: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, lr: torch.Tensor,
-             label_smoothing: torch.Tensor) -> torch.Tensor:
-    """One exact SGD step on ``values`` (C*K, V) in place for the selected rows of a batch,
-    codebook-major (C*k, b), and labels (b,); returns the batch's summed cross-entropy (with label
-    smoothing)."""
-    num_rows, b = rows.shape
-    num_classes = values.shape[1]
-    log_p = values[rows].mean(0).log_softmax(dim=1)  # (b, V)
-    target = F.one_hot(y, num_classes).to(log_p.dtype) * (1 - label_smoothing) + label_smoothing / num_classes
-    grad = (log_p.exp() - target) * (-lr / (b * num_rows))  # -lr * dLoss/drow, (b, V)
-    values.index_add_(0, rows.flatten(), grad.repeat(num_rows, 1))
-    return -(target * log_p).sum()
+class FastStep:
+    """The fast path's forward, backward and SGD step for one experience, reading the rows of the
+    current minibatch from ``batches.current_rows``.
+
+    ``compiled`` fuses gather and scatter with ``torch.compile``, probed once on ``device`` (eager,
+    with a warning, where compilation is unavailable; the results are the same)."""
+
+    def __init__(self, model: DKVBModel, batches, label_smoothing: float, compiled_kernels: "Kernels"):
+        self.bottleneck = model.bottleneck
+        self.batches, self.label_smoothing, self.kernels = batches, label_smoothing, compiled_kernels
+        self._gradient: torch.Tensor | None = None
+
+    @property
+    def _values(self) -> torch.Tensor:
+        return self.bottleneck.values.detach().view(-1, self.bottleneck.value_dim)  # shares storage
+
+    @torch.no_grad()
+    def forward(self) -> torch.Tensor:
+        """Training-mode logits (b, V) of the current batch; counts the selections, as the model does."""
+        rows = self.batches.current_rows
+        self.bottleneck.count_usage(rows)
+        return self.kernels.gather_mean(self._values, rows)
+
+    @torch.no_grad()
+    def backward(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self._gradient = logit_gradient(logits, y, self.label_smoothing)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        rows = self.batches.current_rows
+        self.kernels.scatter_update(self._values, rows, self._gradient * (-lr / rows.shape[0]))
+        self._gradient = None
 
 
-_compiled_step = None
+class Kernels:
+    """``gather_mean`` and ``scatter_update``, compiled by ``torch.compile`` (probed once, on the device
+    they will run on) or eager."""
 
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.gather_mean, self.scatter_update = gather_mean, scatter_update
+        self._probed_on: set[str] = set()
 
-def compiled_sgd_step():
-    """:func:`sgd_step` fused by ``torch.compile`` into one loop (about 15x faster on CPU), or the
-    eager function, with a warning, where compilation is unavailable."""
-    global _compiled_step
-    if _compiled_step is None:
+    def prepare(self, device: torch.device) -> None:
+        """Compile for ``device`` (once per device type); on failure warn and keep the eager kernels."""
+        device = torch.device(device)
+        if not self.compiled or device.type in self._probed_on:
+            return
+        self._probed_on.add(device.type)
         try:
-            candidate = torch.compile(sgd_step, dynamic=False)
-            probe = torch.zeros(4, 2)
-            candidate(probe, torch.tensor([[0], [1]]), torch.tensor([1]), torch.tensor(0.1), torch.tensor(0.0))
-            _compiled_step = candidate
+            gather, scatter = torch.compile(gather_mean, dynamic=False), torch.compile(scatter_update, dynamic=False)
+            probe, rows = torch.zeros(4, 2, device=device), torch.tensor([[0], [1]], device=device)
+            scatter(probe, rows, gather(probe, rows) + 1)
+            self.gather_mean, self.scatter_update = gather, scatter
         except Exception as error:  # no C++ compiler, unsupported platform, ...
-            warnings.warn(f"torch.compile of the DKVB fast step failed ({type(error).__name__}: {error}); "
-                          "using the eager step, which is slower but gives the same results.", stacklevel=2)
-            _compiled_step = sgd_step
-    return _compiled_step
+            warnings.warn(f"torch.compile of the DKVB fast step failed on {device} ({type(error).__name__}: "
+                          f"{error}); using the eager step, which is slower but gives the same results.",
+                          stacklevel=3)

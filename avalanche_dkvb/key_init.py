@@ -8,6 +8,7 @@ labels, and both refuse to run once the keys are frozen.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -35,6 +36,10 @@ def _check_init_inputs(bottleneck: KeyValueBottleneck, data: torch.Tensor, epoch
             f"got shape {tuple(data.shape)}."
         )
     check_finite("key initialisation embeddings", data)
+    if data.shape[0] < bottleneck.num_keys:
+        warnings.warn(f"Key initialisation on {data.shape[0]} samples for {bottleneck.num_keys} keys per codebook: "
+                      "at least one sample per key is needed, so some keys will be duplicates or never "
+                      "move from where they were drawn. Pass more unlabelled data or fewer keys.", stacklevel=3)
 
 
 def _scatter_heads(bottleneck: KeyValueBottleneck, heads: torch.Tensor):

@@ -31,6 +31,11 @@ class DKVBModel(nn.Module):
     def uses_mean_decoder(self) -> bool:
         return isinstance(self.decoder, MeanDecoder)
 
+    @property
+    def num_classes(self) -> int:
+        """Number of logits: value_dim for the mean decoder, the decoder's output size otherwise."""
+        return self.decoder.num_classes
+
     def train(self, mode: bool = True) -> "DKVBModel":
         """Switch bottleneck and decoder; the encoder stays in eval mode whatever ``mode`` is."""
         super().train(mode)

@@ -80,3 +80,16 @@ def check_divides(name: str, value, total: int, total_name: str) -> None:
     if total % value:
         divisors = [d for d in range(1, total + 1) if total % d == 0]
         raise ValueError(f"{name} must divide {total_name} ({total}): one of {divisors}, got {value!r}.")
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str, bound_name: str = "value_dim") -> None:
+    """Raise TypeError unless ``labels`` (N,) are int64 (what nn.CrossEntropyLoss takes), ValueError
+    unless every label is in [0, num_classes); ``where`` (e.g. "experience 2") and ``bound_name`` (the
+    setting that fixes ``num_classes``) go into the message."""
+    if labels.dtype != torch.long:
+        raise TypeError(f"Labels in {where} must be int64 (torch.long) class indices in [0, {bound_name}={num_classes}), "
+                        f"got dtype {labels.dtype}.")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"Labels in {where} must be in [0, {bound_name}={num_classes}); got label "
+                         f"{int(labels[bad][0])} ({int(bad.sum())} of {labels.numel()} labels out of range).")

@@ -75,7 +75,7 @@ def _sgd(strategy_cls, model: nn.Module, s: MethodSettings, evaluator, in_memory
 def _dkvb(s: MethodSettings, evaluator):
     return DKVB(model=create_dkvb_model(s.input_dim, s.num_classes), train_epochs=s.epochs, device=s.device,
                 evaluator=evaluator, init_data=s.key_init_data,
-                key_init_kwargs={"epochs": s.key_init_epochs})
+                key_init_kwargs={"epochs": s.key_init_epochs}, fast_path_threads=1)
 
 
 def _dkvb_counts(s: MethodSettings, evaluator):

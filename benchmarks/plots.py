@@ -60,3 +60,20 @@ def plot_final_matrices(writer, path: Path) -> None:
     fig.tight_layout()
     atomic_savefig(fig, path)
     plt.close(fig)
+
+
+def plot_key_diagnostics(diagnostics: dict[str, list[float]], title: str, path: Path) -> None:
+    """DKVB's diagnostics (``avalanche_dkvb.metrics``) after each experience: the key fractions on one
+    axis, the mean value norm on its own."""
+    fig, (keys_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, values in diagnostics.items():
+        ax = norm_ax if name == "value_norm" else keys_ax
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    keys_ax.set(xlabel="experiences trained", ylabel="fraction", ylim=(0, 1.02), title="keys and value rows")
+    norm_ax.set(xlabel="experiences trained", ylabel="mean L2 norm", title="value rows")
+    for ax in (keys_ax, norm_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: DKVB diagnostics")
+    atomic_savefig(fig, path)
+    plt.close(fig)

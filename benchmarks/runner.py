@@ -1,8 +1,10 @@
-"""Runs one strategy over one class-incremental benchmark and turns Avalanche's metrics into results.
+"""Runs one strategy over one class-incremental benchmark and collects its results.
 
 After every training experience the strategy is evaluated on the whole test stream through an
-Avalanche ``EvaluationPlugin``; from its metrics come the accuracy matrix (after experience i, on
-test experience j), the class-balanced accuracy (mean of per-class accuracies), forgetting and BWT.
+Avalanche ``EvaluationPlugin``. The headline numbers are ``avalanche_dkvb.metrics`` plugin metrics, so
+they reach every logger, and the runner reads them from those metric objects: the accuracy matrix
+(after experience i, on test experience j), the class-balanced accuracy (mean of per-class
+accuracies), the same over the classes seen so far, forgetting and BWT (from the matrix).
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics, class_accuracy_metrics,
-                                          forgetting_metrics)
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
-STREAM = "eval_phase/test_stream"
+from avalanche_dkvb.metrics import (AccuracyMatrix, BottleneckDiagnostic, ClassBalancedAccuracy,
+                                    SeenClassesAccuracy, dkvb_metrics, headline_metrics)
 
 
-def make_evaluator(loggers: list) -> EvaluationPlugin:
-    """Accuracy per experience and stream, per-class accuracy, forgetting and BWT."""
+def make_evaluator(loggers: list, diagnostics: bool = False) -> EvaluationPlugin:
+    """Accuracy per experience and stream, the headline metrics (class-balanced accuracy, accuracy on
+    the classes seen so far, the accuracy matrix), forgetting and BWT; with ``diagnostics``, DKVB's
+    key and value diagnostics."""
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
-        class_accuracy_metrics(stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
+        *headline_metrics(),
+        forgetting_metrics(stream=True),
+        bwt_metrics(stream=True),
+        *(dkvb_metrics() if diagnostics else []),
         loggers=loggers,
     )
 
@@ -54,9 +59,9 @@ class RunResult:
         }
 
 
-def _by_last_component(metrics: dict, prefix: str) -> dict[str, float]:
-    """Metrics named ``prefix/[TaskNNN/]LAST`` keyed by LAST (task-aware streams add TaskNNN)."""
-    return {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
+def _metric(strategy, kind):
+    """The evaluator's metric object of type ``kind``."""
+    return next(m for m in strategy.evaluator.metrics if isinstance(m, kind))
 
 
 def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
@@ -65,26 +70,19 @@ def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
     the whole test stream after each; ``after_experience(i)`` runs after that evaluation."""
     test_stream = benchmark.test_stream
     num_exps = len(benchmark.train_stream)
-    exp_classes = [sorted(exp.classes_in_this_experience) for exp in test_stream]
-    matrix = np.zeros((num_exps, len(test_stream)))
-    class_balanced, seen_class_balanced = np.zeros(num_exps), np.zeros(num_exps)
+    matrix = _metric(strategy, AccuracyMatrix)
+    class_balanced, seen = _metric(strategy, ClassBalancedAccuracy), _metric(strategy, SeenClassesAccuracy)
     train_seconds = 0.0
     for i, experience in enumerate(benchmark.train_stream):
         start = time.perf_counter()
         strategy.train(experience)
         train_seconds += time.perf_counter() - start
-        metrics = strategy.eval(test_stream)
-        per_exp = _by_last_component(metrics, f"Top1_Acc_Exp/{STREAM}")
-        matrix[i] = [per_exp[f"Exp{j:03d}"] for j in range(len(test_stream))]
-        per_class = {int(c): v for c, v in _by_last_component(metrics, f"Top1_ClassAcc_Stream/{STREAM}").items()}
-        class_balanced[i] = np.mean(list(per_class.values()))
-        seen = [c for classes in exp_classes[:i + 1] for c in classes]
-        seen_class_balanced[i] = np.mean([per_class[c] for c in seen])
-        progress(f"experience {i + 1}/{num_exps}: class-balanced accuracy {class_balanced[i]:.3f} "
-                 f"(seen classes {seen_class_balanced[i]:.3f}), training {train_seconds:.1f} s")
+        strategy.eval(test_stream)
+        progress(f"experience {i + 1}/{num_exps}: class-balanced accuracy {class_balanced.history[-1]:.3f} "
+                 f"(seen classes {seen.history[-1]:.3f}), training {train_seconds:.1f} s")
         if after_experience is not None:
             after_experience(i)
-    return RunResult(matrix, class_balanced, seen_class_balanced,
-                     forgetting=float(metrics.get(f"StreamForgetting/{STREAM}", np.nan)),
-                     bwt=float(metrics.get(f"StreamBWT/{STREAM}", np.nan)),
-                     train_seconds=train_seconds)
+    diagnostics = {m.name: m.history for m in strategy.evaluator.metrics if isinstance(m, BottleneckDiagnostic)}
+    return RunResult(np.array(matrix.rows), np.array(class_balanced.history), np.array(seen.history),
+                     forgetting=matrix.forgetting(), bwt=matrix.bwt(), train_seconds=train_seconds,
+                     extra={"diagnostics": diagnostics} if diagnostics else {})

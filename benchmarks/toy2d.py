@@ -34,7 +34,7 @@ def _dkvb(evaluator, seed: int):
                               value_init="normal", value_init_std=1e-3)
     return DKVB(model=model, train_mb_size=FULL_BATCH, train_epochs=STEPS_PER_STAGE, eval_mb_size=4096,
                 evaluator=evaluator, init_data=uniform_unit_square(100, seed=seed),
-                key_init_kwargs={"epochs": 1000, "batch_size": 100})
+                key_init_kwargs={"epochs": 1000, "batch_size": 100}, fast_path_threads=1)
 
 
 def _naive(model: nn.Module, lr: float, evaluator):

@@ -1,5 +1,6 @@
-"""The fast path (cached key indices + autograd-free SGD) equals the generic Avalanche loop, is
-actually taken when eligible, and is refused (with a warning) when it is not."""
+"""The fast path (cached key indices + autograd-free SGD inside Avalanche's loop) equals the generic
+Avalanche loop with every plugin it accepts, is actually taken when eligible, and steps aside (with a
+warning naming the plugin or the reason) when it is not exact."""
 
 from __future__ import annotations
 
@@ -10,24 +11,39 @@ import warnings
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.training import Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin, GDumbPlugin, LRSchedulerPlugin, ReplayPlugin
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from avalanche_dkvb import DKVB, create_dkvb_model, ema_init_keys
-from avalanche_dkvb.fast_path import CachedIndexTrainer
+from avalanche_dkvb import DKVB, DKVBPlugin, create_dkvb_model, ema_init_keys
+from avalanche_dkvb.fast_path import RowsByContent, plugin_blocker
 
 KEY_INIT = {"epochs": 5, "batch_size": 64}
 
 
-class IndexTrainerProbe(SupervisedPlugin):
-    """Records, after every training epoch, whether the strategy trained through the index cache."""
+class FastPathProbe(SupervisedPlugin):
+    """Records, after every training epoch, whether the strategy trained through the fast path."""
+
+    dkvb_fast_path_exact = True  # it only observes
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
     def after_training_epoch(self, strategy, **kwargs):
-        self.seen.append(strategy._index_trainer is not None)
+        self.seen.append(strategy.uses_fast_path)
+
+
+class SeedEachEpoch(SupervisedPlugin):
+    """Re-seeds torch's RNG after every epoch. The fast path draws from it differently from a DataLoader
+    between epochs (a DataLoader draws a seed per epoch even without shuffling), so what a plugin picks at
+    random afterwards (a replay buffer's samples) is only comparable with the RNG re-seeded."""
+
+    dkvb_fast_path_exact = True
+
+    def after_training_epoch(self, strategy, **kwargs):
+        torch.manual_seed(strategy.clock.train_exp_epochs)
 
 
 def initialised(model, init_data):
@@ -36,44 +52,34 @@ def initialised(model, init_data):
     return model
 
 
-def make_dkvb(model, evaluator, fast_path, probe, epochs=3, **kwargs):
+def make_dkvb(model, evaluator, fast_path, plugins=(), epochs=3, **kwargs):
     return DKVB(model=model, train_mb_size=16, train_epochs=epochs, eval_mb_size=256, evaluator=evaluator,
-                fast_path=fast_path, plugins=[probe], **kwargs)
+                fast_path=fast_path, plugins=list(plugins), **kwargs)
 
 
-# -- CachedIndexTrainer against autograd, unit level -------------------------------------------------
-@pytest.mark.parametrize("top_k, label_smoothing, compiled", [
-    (1, 0.0, False), (1, 0.1, False), (3, 0.0, False), (3, 0.1, False),
-    (3, 0.1, True),  # torch.compile'd step: one case only, each new shape compiles (seconds)
-])
-def test_index_trainer_epoch_equals_autograd_sgd(top_k, label_smoothing, compiled):
-    torch.manual_seed(0)
-    model = create_dkvb_model(6, 5, num_codebooks=4, num_keys=12, key_dim=3, top_k=top_k, value_init="normal",
-                              value_init_std=0.5)
-    model.bottleneck.freeze_keys()
-    reference = copy.deepcopy(model)
-    before = model.bottleneck.values.detach().clone()
-    x, y = torch.randn(37, 6), torch.randint(5, (37,))
-    lr, batch = 0.7, 8
-    trainer = CachedIndexTrainer(model, TensorDataset(x, y), batch, "cpu", compiled=compiled)
-    loss = trainer.run_epoch(lr, label_smoothing, shuffle=False)
-
-    reference.train()
-    opt = torch.optim.SGD(reference.parameters(), lr=lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    losses = []
-    for start in range(0, 37, batch):
-        opt.zero_grad()
-        batch_loss = criterion(reference(x[start:start + batch]), y[start:start + batch])
-        batch_loss.backward()
-        opt.step()
-        losses.append(batch_loss.item() * len(y[start:start + batch]))
-    assert torch.allclose(model.bottleneck.values, reference.bottleneck.values, atol=1e-6, rtol=0)
-    assert not torch.allclose(model.bottleneck.values, before, atol=1e-3)  # it did train
-    assert torch.equal(model.bottleneck.usage_counts, reference.bottleneck.usage_counts)
-    assert loss == pytest.approx(sum(losses) / 37, rel=1e-5)
+def train_pair(make_plugins, make_model, init_data, toy_stream, epochs=3, fast_mode="eager", **kwargs):
+    """The same initialised model trained by DKVB on the fast path and with fast_path="off", each
+    with fresh plugins from ``make_plugins(model)``, without shuffling; returns (fast, slow) strategies."""
+    fast_model = initialised(make_model(), init_data)
+    slow_model = copy.deepcopy(fast_model)
+    fast = make_dkvb(fast_model, EvaluationPlugin(), fast_mode,
+                     [FastPathProbe(), SeedEachEpoch(), *make_plugins(fast_model)], epochs=epochs, **kwargs)
+    slow = make_dkvb(slow_model, EvaluationPlugin(), "off", [SeedEachEpoch(), *make_plugins(slow_model)],
+                     epochs=epochs, **kwargs)
+    for strategy in (fast, slow):  # one after the other from the same seed: buffers draw random samples
+        torch.manual_seed(0)
+        for exp in toy_stream.train_stream:
+            strategy.train(exp, shuffle=False)
+    return fast, slow
 
 
+def assert_same_training(fast, slow):
+    fast_bn, slow_bn = fast.model.bottleneck, slow.model.bottleneck
+    assert torch.allclose(fast_bn.values, slow_bn.values, atol=1e-6, rtol=0)
+    assert torch.equal(fast_bn.usage_counts, slow_bn.usage_counts)
+
+
+# -- unit level --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_gradient_norm_bound_that_lets_the_fast_path_skip_clipping(top_k):
     """The bound sqrt(2 / (C k)) used to decide that clipping never acts holds for autograd's gradient,
@@ -90,48 +96,139 @@ def test_gradient_norm_bound_that_lets_the_fast_path_skip_clipping(top_k):
         assert 0 < norm <= bound + 1e-6
 
 
-# -- 10. the fast path equals the generic path through the strategy ------------------------------------
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_fast_path_equals_generic_path(mode, make_model, quiet_evaluator, init_data, toy_stream):
+def test_rows_by_content_equal_the_search_and_survive_collisions(make_model, init_data):
+    model = initialised(make_model(), init_data)
+    x = torch.rand(50, 2)
+    lookup = RowsByContent([], model)
+    expected = model.bottleneck.flat_indices(x)
+    assert torch.equal(lookup.rows_of(x[:30]), expected[:30])
+    assert torch.equal(lookup.rows_of(x), expected)  # 30 found, 20 computed
+    lookup._weights.zero_()  # every input now hashes to 0: only the exact comparison tells them apart
+    assert torch.equal(lookup.rows_of(x.flip(0)), expected.flip(0))
+
+
+# -- the fast path equals the generic path through the strategy ------------------------------------
+@pytest.mark.parametrize("mode, top_k, label_smoothing", [
+    ("eager", 1, 0.1), ("eager", 3, 0.0), ("compiled", 3, 0.1),  # compiled: one case, each shape compiles
+])
+def test_fast_path_equals_generic_path(mode, top_k, label_smoothing, make_model, init_data, toy_stream):
+    fast, slow = train_pair(lambda model: [], lambda: make_model(top_k=top_k), init_data, toy_stream,
+                            fast_mode=mode, label_smoothing=label_smoothing)
+    assert fast.plugins[0].seen == [True] * 12  # 4 experiences x 3 epochs, all on the fast path
+    assert not fast.uses_fast_path  # the cache is freed after each experience
+    before = initialised(make_model(top_k=top_k), init_data).bottleneck.values
+    assert not torch.allclose(fast.model.bottleneck.values, before, atol=1e-3)  # they did train
+    assert_same_training(fast, slow)
+
+
+def test_epoch_metrics_equal_the_generic_loop(make_model, init_data, toy_stream):
+    """Epoch-level training accuracy and loss, and minibatch-level ones, are the generic loop's values."""
+    def evaluator():
+        return EvaluationPlugin(accuracy_metrics(minibatch=True, epoch=True), loss_metrics(minibatch=True, epoch=True))
+
     fast_model = initialised(make_model(), init_data)
     slow_model = copy.deepcopy(fast_model)
-    fast_probe, slow_probe = IndexTrainerProbe(), IndexTrainerProbe()
-    fast = make_dkvb(fast_model, quiet_evaluator(), mode, fast_probe)
-    slow = make_dkvb(slow_model, quiet_evaluator(), "off", slow_probe)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for exp in toy_stream.train_stream:
-            fast.train(exp, shuffle=False)
-            slow.train(exp, shuffle=False)
-    assert not [w for w in caught if "fast path off" in str(w.message)]
-    assert fast_probe.seen == [True] * 12  # 4 experiences x 3 epochs, all through the index cache
-    assert slow_probe.seen == [False] * 12
-    assert fast._index_trainer is None  # the cache is freed after each experience
-
-    before = initialised(make_model(), init_data).bottleneck.values
-    assert not torch.allclose(fast_model.bottleneck.values, before, atol=1e-3)  # they did train
-    assert torch.allclose(fast_model.bottleneck.values, slow_model.bottleneck.values, atol=1e-6, rtol=0)
-    assert torch.equal(fast_model.bottleneck.usage_counts, slow_model.bottleneck.usage_counts)
-    fast_model.eval()
-    slow_model.eval()
-    x = torch.rand(200, 2)
-    assert torch.equal(fast_model(x).argmax(1), slow_model(x).argmax(1))
-
-
-def test_fast_path_with_shuffle_trains_same_counts(make_model, quiet_evaluator, init_data, toy_stream):
-    """With shuffling the order differs, but usage counts (a property of the data) must not."""
-    fast_model = initialised(make_model(), init_data)
-    slow_model = copy.deepcopy(fast_model)
-    fast = make_dkvb(fast_model, quiet_evaluator(), "eager", IndexTrainerProbe())
-    slow = make_dkvb(slow_model, quiet_evaluator(), "off", IndexTrainerProbe())
+    fast = make_dkvb(fast_model, evaluator(), "eager", [FastPathProbe()])
+    slow = make_dkvb(slow_model, evaluator(), "off")
     for exp in toy_stream.train_stream:
-        fast.train(exp)
-        slow.train(exp)
-    assert torch.equal(fast_model.bottleneck.usage_counts, slow_model.bottleneck.usage_counts)
-    metrics_fast = fast.eval(toy_stream.test_stream)
-    metrics_slow = slow.eval(toy_stream.test_stream)
-    key = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
-    assert metrics_fast[key] > 0.9 and metrics_slow[key] > 0.9
+        fast.train(exp, shuffle=False)
+        slow.train(exp, shuffle=False)
+    assert fast.plugins[0].seen == [True] * 12
+    fast_metrics, slow_metrics = fast.evaluator.get_all_metrics(), slow.evaluator.get_all_metrics()
+    names = [n for n in slow_metrics if n.startswith(("Top1_Acc_Epoch", "Loss_Epoch", "Top1_Acc_MB", "Loss_MB"))]
+    assert len(names) == 4
+    for name in names:
+        fast_values, slow_values = fast_metrics[name][1], slow_metrics[name][1]
+        assert len(fast_values) == len(slow_values) > 0, name
+        tolerance = 1e-6 if "Acc" in name else 1e-4
+        assert max(abs(a - b) for a, b in zip(fast_values, slow_values)) <= tolerance, name
+    accuracies = fast_metrics["Top1_Acc_Epoch/train_phase/train_stream/Task000"][1]
+    assert max(accuracies) > 0.5 and min(fast_metrics["Loss_Epoch/train_phase/train_stream/Task000"][1]) > 0
+
+
+def test_replay_plugin_buffer_is_trained_on(make_model, init_data, toy_stream):
+    fast, slow = train_pair(lambda model: [ReplayPlugin(mem_size=40)], make_model, init_data, toy_stream)
+    assert fast.plugins[0].seen == [True] * 12
+    assert_same_training(fast, slow)
+    # the buffer was trained on: without it the values end elsewhere (before the fix they were identical)
+    plain, _ = train_pair(lambda model: [], make_model, init_data, toy_stream)
+    assert not torch.allclose(fast.model.bottleneck.values, plain.model.bottleneck.values, atol=1e-3)
+
+
+def test_gdumb_plugin_memory_is_trained_on(make_model, init_data, toy_stream):
+    torch.manual_seed(0)
+    fast, slow = train_pair(lambda model: [GDumbPlugin(mem_size=30)], make_model, init_data, toy_stream)
+    assert fast.plugins[0].seen == [True] * 12
+    assert_same_training(fast, slow)
+
+
+@pytest.mark.parametrize("granularity", ["epoch", "iteration"])
+def test_lr_scheduler_plugin(granularity, make_model, init_data, toy_stream):
+    def plugins(model):
+        optimizer = torch.optim.SGD([model.bottleneck.values], lr=0.3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        plugins.optimizers.append(optimizer)
+        return [LRSchedulerPlugin(scheduler, step_granularity=granularity, reset_scheduler=False, reset_lr=False)]
+
+    plugins.optimizers = []
+
+    fast_model = initialised(make_model(), init_data)
+    slow_model = copy.deepcopy(fast_model)
+    fast_plugins, slow_plugins = plugins(fast_model), plugins(slow_model)
+    fast = make_dkvb(fast_model, EvaluationPlugin(), "eager", [FastPathProbe(), *fast_plugins],
+                     optimizer=plugins.optimizers[0])
+    slow = make_dkvb(slow_model, EvaluationPlugin(), "off", slow_plugins, optimizer=plugins.optimizers[1])
+    for exp in toy_stream.train_stream:
+        fast.train(exp, shuffle=False)
+        slow.train(exp, shuffle=False)
+    assert fast.plugins[0].seen == [True] * 12
+    assert plugins.optimizers[0].param_groups[0]["lr"] < 0.3  # the schedule did act
+    assert plugins.optimizers[0].param_groups[0]["lr"] == plugins.optimizers[1].param_groups[0]["lr"]
+    assert_same_training(fast, slow)
+
+
+class LossPenaltyPlugin(SupervisedPlugin):
+    """Adds a penalty to the loss in before_backward, which the fast path's closed form would miss."""
+
+    def before_backward(self, strategy, **kwargs):
+        strategy.loss = strategy.loss + 0.5 * strategy.model.bottleneck.values.square().sum()
+
+
+def test_custom_plugin_with_before_backward_steps_aside(make_model, init_data, toy_stream):
+    with pytest.warns(UserWarning, match="fast path off.*LossPenaltyPlugin.*not known to be exact"):
+        fast, slow = train_pair(lambda model: [LossPenaltyPlugin()], make_model, init_data, toy_stream)
+    assert fast.plugins[0].seen == [False] * 12
+    assert_same_training(fast, slow)
+
+
+def test_plugins_declare_themselves_exact_or_not():
+    class Observer(SupervisedPlugin):
+        dkvb_fast_path_exact = True
+
+    class Refuses(FastPathProbe):
+        dkvb_fast_path_exact = False
+
+    assert plugin_blocker(Observer(), None) is None
+    assert "declares dkvb_fast_path_exact = False" in plugin_blocker(Refuses(), None)
+    assert "not known to be exact" in plugin_blocker(LossPenaltyPlugin(), None)
+
+
+def test_dkvb_with_replay_plugin_equals_dkvb_plugin_inside_avalanche_replay(make_model, init_data, toy_stream):
+    """DKVB + ReplayPlugin on the fast path trains like DKVBPlugin inside Avalanche's own Replay
+    strategy (the generic loop): same lr, clipping cannot act, same criterion."""
+    fast_model = initialised(make_model(), init_data)
+    replay_model = copy.deepcopy(fast_model)
+    fast = make_dkvb(fast_model, EvaluationPlugin(), "eager",
+                     [FastPathProbe(), SeedEachEpoch(), ReplayPlugin(mem_size=40)], label_smoothing=0.1)
+    replay = Replay(model=replay_model, optimizer=torch.optim.SGD(replay_model.parameters(), lr=0.3),
+                    criterion=nn.CrossEntropyLoss(label_smoothing=0.1), mem_size=40, train_mb_size=16,
+                    train_epochs=3, eval_mb_size=256, evaluator=EvaluationPlugin(), plugins=[SeedEachEpoch(), DKVBPlugin()])
+    for strategy in (fast, replay):
+        torch.manual_seed(0)
+        for exp in toy_stream.train_stream:
+            strategy.train(exp, shuffle=False)
+    assert fast.plugins[0].seen == [True] * 12
+    assert_same_training(fast, replay)
 
 
 class IterationHookPlugin(SupervisedPlugin):
@@ -145,7 +242,7 @@ BLOCKERS = [
     pytest.param(dict(decoder="linear"), "mean decoder", id="linear_decoder"),
     pytest.param(dict(clip_grad_norm=0.1), "gradient clipping", id="clip"),
     pytest.param(dict(criterion=nn.NLLLoss()), "CrossEntropyLoss", id="criterion"),
-    pytest.param(dict(plugin=IterationHookPlugin()), "IterationHookPlugin", id="iteration_plugin"),
+    pytest.param(dict(plugin=IterationHookPlugin()), "IterationHookPlugin", id="unknown_plugin"),
 ]
 
 
@@ -161,7 +258,7 @@ def test_generic_path_taken_with_warning_when_needed(options, reason, make_model
         options["optimizer"] = torch.optim.Adam([model.bottleneck.values], lr=0.01)
     elif opt_kind == "momentum":
         options["optimizer"] = torch.optim.SGD([model.bottleneck.values], lr=0.1, momentum=0.5)
-    probe = IndexTrainerProbe()
+    probe = FastPathProbe()
     plugins = [probe] + ([options.pop("plugin")] if "plugin" in options else [])
     strategy = DKVB(model=model, train_mb_size=16, train_epochs=2, evaluator=quiet_evaluator(),
                     plugins=plugins, fast_path="eager", **options)
@@ -176,54 +273,55 @@ def test_fast_path_taken_with_default_clip_and_evaluation_plugin(make_model, qui
                                                                  toy_stream):
     """Control for the blocker test: the defaults (clip 1.0, C=4, evaluator with metrics) keep the fast path."""
     model = initialised(make_model(), init_data)
-    probe = IndexTrainerProbe()
-    strategy = make_dkvb(model, quiet_evaluator(), "eager", probe, epochs=2)
+    probe = FastPathProbe()
+    strategy = make_dkvb(model, quiet_evaluator(), "eager", [probe], epochs=2)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fast path off.*")
         strategy.train(toy_stream.train_stream[0])
     assert probe.seen == [True, True]
 
 
-def test_periodic_eval_per_epoch_keeps_fast_path(make_model, quiet_evaluator, init_data, toy_stream):
+def test_periodic_eval_per_epoch_keeps_fast_path_per_iteration_does_not(make_model, quiet_evaluator, init_data,
+                                                                       toy_stream):
     model = initialised(make_model(), init_data)
-    probe = IndexTrainerProbe()
-    strategy = make_dkvb(model, quiet_evaluator(), "eager", probe, epochs=2, eval_every=1)
+    probe = FastPathProbe()
+    strategy = make_dkvb(model, quiet_evaluator(), "eager", [probe], epochs=2, eval_every=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fast path off.*")
         strategy.train(toy_stream.train_stream[0], eval_streams=[toy_stream.test_stream[:1]])
     assert probe.seen == [True, True]
     assert model.training  # periodic evaluation switched the model back to training mode
 
-
-def test_which_plugins_need_per_iteration_callbacks():
-    from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
-    from avalanche.training.plugins.clock import Clock
     from avalanche.training.templates.base_sgd import PeriodicEval
+    assert "every N iterations" in plugin_blocker(PeriodicEval(eval_every=5, peval_mode="iteration"), None)
 
-    from avalanche_dkvb import DKVBPlugin
-    from avalanche_dkvb.fast_path import _has_iteration_hooks
 
-    class DuckTyped:  # a plugin not derived from Avalanche's base classes
-        def after_training_epoch(self, strategy, **kwargs):
-            pass
+def test_fast_path_threads_is_explicit(make_model, quiet_evaluator, init_data, toy_stream):
+    model = initialised(make_model(), init_data)
+    seen = []
 
-    class DuckTypedWithHook(DuckTyped):
-        def before_backward(self, strategy, **kwargs):
-            pass
+    class ThreadProbe(FastPathProbe):
+        def after_training_iteration(self, strategy, **kwargs):
+            seen.append(torch.get_num_threads())
 
-    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), 1)
-    assert _has_iteration_hooks(IterationHookPlugin())
-    assert _has_iteration_hooks(DuckTypedWithHook())
-    assert _has_iteration_hooks(LRSchedulerPlugin(scheduler, step_granularity="iteration"))
-    assert _has_iteration_hooks(PeriodicEval(eval_every=5, peval_mode="iteration"))
-    assert not _has_iteration_hooks(PeriodicEval(eval_every=5, peval_mode="epoch"))
-    assert not _has_iteration_hooks(EvaluationPlugin())
-    assert not _has_iteration_hooks(Clock())
-    assert not _has_iteration_hooks(DKVBPlugin())
-    assert not _has_iteration_hooks(IndexTrainerProbe())
-    assert not _has_iteration_hooks(DuckTyped())
+    torch.set_num_threads(2)
+    make_dkvb(model, quiet_evaluator(), "eager", [ThreadProbe()], epochs=1).train(toy_stream.train_stream[0])
+    assert set(seen) == {2} and torch.get_num_threads() == 2  # None: the process's setting is left alone
+    seen.clear()
+    make_dkvb(model, quiet_evaluator(), "eager", [ThreadProbe()], epochs=1,
+              fast_path_threads=1).train(toy_stream.train_stream[1])
+    assert set(seen) == {1} and torch.get_num_threads() == 2  # restored afterwards
 
 
 def test_unknown_fast_path_mode_is_named(make_model, quiet_evaluator):
     with pytest.raises(ValueError, match=r"fast_path must be one of .*got True"):
         DKVB(model=make_model(), evaluator=quiet_evaluator(), fast_path=True)
+
+
+def test_naive_with_dkvb_plugin_optimises_only_the_values(make_model, init_data, toy_stream):
+    model = make_model()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.3), train_epochs=1,
+                     evaluator=EvaluationPlugin(), plugins=[DKVBPlugin(init_data, key_init_kwargs=KEY_INIT)])
+    strategy.train(toy_stream.train_stream[0])
+    assert [id(p) for p in strategy.optimizer.param_groups[0]["params"]] == [id(model.bottleneck.values)]
+    assert list(strategy.optimized_param_id) == ["bottleneck.values"]

@@ -255,20 +255,23 @@ def test_check_local_optimizer_names_the_problem(make_opt, named):
     check_local_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))  # plain SGD is fine
 
 
-@pytest.mark.parametrize("kind", ["naive_plugin", "dkvb"])
 @pytest.mark.parametrize("make_opt, named", BAD_OPTIMIZERS)
-def test_strategies_refuse_nonlocal_optimizers(make_opt, named, kind, make_model, quiet_evaluator, init_data,
-                                               toy_stream):
+def test_dkvb_refuses_nonlocal_optimizers_when_constructed(make_opt, named, make_model, quiet_evaluator, init_data):
     model = make_model()
-    opt = make_opt(model.parameters())
-    if kind == "dkvb":
-        strategy = make_dkvb(model, quiet_evaluator(), init_data, optimizer=opt, epochs=1)
-    else:
-        strategy = Naive(model=model, optimizer=opt, train_epochs=1, evaluator=quiet_evaluator(),
-                         plugins=[DKVBPlugin(init_data, key_init_kwargs=KEY_INIT)])
-    values = model.bottleneck.values.detach().clone()
+    with pytest.raises(ValueError, match=named):
+        make_dkvb(model, quiet_evaluator(), init_data, optimizer=make_opt(model.parameters()), epochs=1)
+
+
+@pytest.mark.parametrize("make_opt, named", BAD_OPTIMIZERS)
+def test_plugin_refuses_nonlocal_optimizers_before_key_initialisation(make_opt, named, make_model, quiet_evaluator,
+                                                                     init_data, toy_stream):
+    model = make_model()
+    strategy = Naive(model=model, optimizer=make_opt(model.parameters()), train_epochs=1, evaluator=quiet_evaluator(),
+                     plugins=[DKVBPlugin(init_data, key_init_kwargs=KEY_INIT)])
+    keys, values = model.bottleneck.keys.clone(), model.bottleneck.values.detach().clone()
     with pytest.raises(ValueError, match=named):
         strategy.train(toy_stream.train_stream[0])
+    assert not bool(model.bottleneck.keys_frozen) and torch.equal(keys, model.bottleneck.keys)  # no key init ran
     assert torch.equal(values, model.bottleneck.values.detach())  # refused before any step
 
 
