@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     model.bottleneck.freeze_keys()
     print(f"key init (EMA, 1 epoch of 10,000 embeddings): {time.perf_counter() - start:.1f} s", flush=True)
 
-    strategy = DKVB(model=model, train_epochs=args.epochs, evaluator=make_evaluator([]))
+    strategy = DKVB(model=model, train_epochs=args.epochs, evaluator=make_evaluator([]), fast_path_threads=1)
     start = time.perf_counter()
     for i, experience in enumerate(benchmark.train_stream):
         strategy.train(experience)
