@@ -1,0 +1,282 @@
+"""DKVB settings grid on cached embeddings: every setting trained class-incrementally AND i.i.d.
+
+``python -m benchmarks.ablate --out DIR [--settings a,b] [--seeds 0,1,2] ...`` runs each setting of
+the grid (one change from the default: C 256, K 4096, top-k 1, keys by EMA on a different data set,
+SGD lr 0.3, label smoothing 0.1) on the benchmark's class-incremental stream and on one experience
+holding every class (i.i.d.), and records the final class-balanced accuracy on the whole test set.
+Keys are initialised once per (C, K, key-init data, seed) and shared by the settings that use them.
+Resumable: rows already in ``DIR/results.csv`` (same run settings) are skipped; every file is
+rewritten atomically after each row. Writes ``results.csv`` (one row per setting x seed x mode),
+``summary.csv``/``summary.md`` (class-incremental and i.i.d. side by side, mean ± std over seeds)
+and ``ablation.png`` (accuracy against setting). SGD settings train with DKVB's eager fast path
+(the same values as the compiled one, without a compilation per shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from avalanche.training.plugins import EvaluationPlugin
+
+from avalanche_dkvb import DKVB, CountValues, create_dkvb_model, init_keys
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
+from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+from benchmarks.outputs import atomic_savefig, atomic_write_text
+from benchmarks.real import BENCHMARKS
+
+OWN_DATA_NOTE = "deviation: keys initialised on the stream's own unlabelled training inputs (every experience)"
+MODES = ("class_incremental", "iid")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One DKVB configuration. ``key_init_data``: "other" (a different data set, as the paper) or
+    "own" (the stream's own unlabelled training inputs: a deviation from the class-incremental rules)."""
+
+    name: str
+    value_rule: str = "sgd"  # "sgd" (DKVB) or a CountValues rule
+    smoothing: float = 1.0  # count rules only
+    num_codebooks: int = 256
+    num_keys: int = 4096
+    top_k: int = 1
+    key_init_data: str = "other"
+    lr: float = 0.3  # sgd only
+    label_smoothing: float = 0.1  # sgd only
+
+    @property
+    def note(self) -> str:
+        return OWN_DATA_NOTE if self.key_init_data == "own" else ""
+
+
+def _grid() -> dict[str, Setting]:
+    sgd, counts = Setting("sgd"), Setting("counts", value_rule="log_posterior")
+    one_change = [
+        sgd, counts,
+        dataclasses.replace(counts, name="counts smoothing 0.1", smoothing=0.1),
+        dataclasses.replace(counts, name="counts raw (no log)", value_rule="counts"),
+        dataclasses.replace(sgd, name="sgd lr 100", lr=100.0),
+        dataclasses.replace(sgd, name="sgd lr 10000", lr=1e4),
+        dataclasses.replace(sgd, name="sgd label smoothing 0", label_smoothing=0.0),
+    ]
+    for base in (sgd, counts):
+        one_change += [
+            dataclasses.replace(base, name=f"{base.name} top-k 4", top_k=4),
+            dataclasses.replace(base, name=f"{base.name} C 64", num_codebooks=64),
+            dataclasses.replace(base, name=f"{base.name} K 256", num_keys=256),
+            dataclasses.replace(base, name=f"{base.name} own-data keys", key_init_data="own"),
+        ]
+    one_change += [dataclasses.replace(counts, name="counts C 1024", num_codebooks=1024),
+                   dataclasses.replace(sgd, name="sgd C 1024", num_codebooks=1024)]
+    return {s.name: s for s in one_change}
+
+
+GRID = _grid()
+DEFAULT_SETTINGS = [name for name in GRID if "C 1024" not in name]  # C 1024: 4x the key-init time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", default="split_cifar10_jpeg", choices=sorted(BENCHMARKS))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                        help=f"comma-separated setting names (default: all but C 1024); all: {', '.join(GRID)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (class order, key init, shuffling)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--encoder", default="tf_efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=None, help="override the encoder's input resolution")
+    parser.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
+    parser.add_argument("--key-init-per-class", type=int, default=None, help="first N key-init images per class")
+    parser.add_argument("--experiences", type=int, default=None, help="class-incremental experiences")
+    parser.add_argument("--epochs", type=int, default=200, help="SGD epochs per experience")
+    parser.add_argument("--key-init-epochs", type=int, default=5, help="EMA key-initialisation epochs")
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--cache-root", type=Path, default=None)
+    parser.add_argument("--download", action="store_true", help="extract missing data")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = [name for name in args.settings if name not in GRID]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; expected some of {list(GRID)}")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    for name in ("epochs", "key_init_epochs", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def _embeddings(args, image_set: str, split: str, per_class: int | None):
+    paths = {k: v for k, v in (("data_root", args.data_root), ("cache_root", args.cache_root)) if v is not None}
+    cached = cached_embeddings(args.encoder, image_set, split, download=args.download, image_size=args.image_size,
+                               per_class=per_class, **paths)
+    return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
+
+
+def class_balanced_accuracy(model, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes of the accuracy on (N, D) inputs ``x`` with labels ``y``, eval mode."""
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(batch).argmax(1) for batch in x.split(1024)])
+    return float(np.mean([(pred[y == c] == c).float().mean().item() for c in range(num_classes)]))
+
+
+class KeyBank:
+    """Models with initialised, frozen keys, one per (C, K, key-init data, seed), built on first use."""
+
+    def __init__(self, input_dim: int, num_classes: int, data: dict[str, torch.Tensor], key_init_epochs: int):
+        self.input_dim, self.num_classes, self.data, self.epochs = input_dim, num_classes, data, key_init_epochs
+        self.states: dict[tuple, dict] = {}
+
+    def model(self, setting: Setting, seed: int):
+        key = (setting.num_codebooks, setting.num_keys, setting.key_init_data, seed)
+        model = create_dkvb_model(self.input_dim, self.num_classes, num_codebooks=setting.num_codebooks,
+                                  num_keys=setting.num_keys, top_k=setting.top_k,
+                                  generator=torch.Generator().manual_seed(seed))
+        if key not in self.states:
+            start = time.perf_counter()
+            init_keys(model.bottleneck, self.data[setting.key_init_data], "ema", epochs=self.epochs,
+                      generator=torch.Generator().manual_seed(seed))
+            model.bottleneck.freeze_keys()
+            self.states[key] = {k: v.clone() for k, v in model.state_dict().items()}
+            print(f"  keys C {key[0]} K {key[1]} on {key[2]} data, seed {seed}: "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        model.load_state_dict(self.states[key])
+        return model
+
+
+def train(setting: Setting, model, benchmark, epochs: int):
+    quiet = EvaluationPlugin(loggers=[])
+    if setting.value_rule == "sgd":
+        strategy = DKVB(model=model, lr=setting.lr, label_smoothing=setting.label_smoothing, train_epochs=epochs,
+                        fast_path="eager", evaluator=quiet)
+    else:
+        strategy = CountValues(model=model, value_rule=setting.value_rule, smoothing=setting.smoothing,
+                               evaluator=quiet)
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (grid order): mean ± std over seeds of both modes."""
+    rows = []
+    for name in [n for n in GRID if n in set(results.setting)]:
+        part = results[results.setting == name]
+        row = {"setting": name, "seeds": part.seed.nunique()}
+        for mode in MODES:
+            acc = 100 * part[part["mode"] == mode].final_accuracy
+            row[mode] = f"{acc.mean():.2f} ± {acc.std(ddof=0):.2f}" if len(acc) else ""
+            row[f"{mode}_mean"] = acc.mean() if len(acc) else np.nan
+        row["train_seconds_ci"] = part[part["mode"] == MODES[0]].train_seconds.mean()
+        row["note"] = GRID[name].note
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    lines = ["| setting | seeds | class-incremental (%) | i.i.d. (%) | train time, class-incr. (s) | note |",
+             "|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.setting} | {r.seeds} | {r.class_incremental} | {r.iid} | {r.train_seconds_ci:.1f} "
+                     f"| {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: pd.DataFrame, results: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(summary) + 1.2))
+    positions = np.arange(len(summary))
+    for offset, mode, marker in ((-0.15, "class_incremental", "o"), (0.15, "iid", "s")):
+        grouped = [100 * results[(results.setting == s) & (results["mode"] == mode)].final_accuracy
+                   for s in summary.setting]
+        ax.errorbar([g.mean() for g in grouped], positions + offset, xerr=[g.std(ddof=0) for g in grouped],
+                    fmt=marker, capsize=2, label="class-incremental" if mode == MODES[0] else "i.i.d.")
+    ax.set_yticks(positions, [s + (" *" if GRID[s].note else "") for s in summary.setting])
+    ax.invert_yaxis()
+    ax.set_xlabel("final class-balanced accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("DKVB settings (* keys on the stream's own unlabelled inputs: a deviation)", fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, results: pd.DataFrame, context: dict) -> None:
+    atomic_write_text(out / "results.csv", results.to_csv(index=False))
+    summary = summarise(results)
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out / "summary.md", to_markdown(summary))
+    atomic_write_text(out / "settings.json", json.dumps(context, indent=2))
+    plot(summary, results, out / "ablation.png")
+
+
+def load_finished(out: Path, context: dict) -> pd.DataFrame:
+    """Rows already in ``out`` (empty if none); ValueError if they were made with other run settings."""
+    if not (out / "results.csv").exists():
+        return pd.DataFrame()
+    previous = json.loads((out / "settings.json").read_text())
+    if previous != context:
+        raise ValueError(f"{out} holds an ablation with other settings ({previous}); expected {context}. "
+                         "Use another --out.")
+    return pd.read_csv(out / "results.csv")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = BENCHMARKS[args.benchmark]
+    context = {"benchmark": args.benchmark, "encoder": args.encoder, "image_size": args.image_size,
+               "train_per_class": args.train_per_class, "key_init_per_class": args.key_init_per_class,
+               "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set], "epochs": args.epochs,
+               "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set}
+    results = load_finished(args.out, context)
+    train_x, train_y = _embeddings(args, spec.image_set, "train", args.train_per_class)
+    test_x, test_y = _embeddings(args, spec.image_set, "test", None)
+    other_x, _ = _embeddings(args, spec.key_init_set, "train", args.key_init_per_class)
+    num_classes = int(train_y.max()) + 1
+    keys = KeyBank(train_x.shape[1], num_classes, {"other": other_x, "own": train_x}, args.key_init_epochs)
+    command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
+    print(f"[ablate] {command}\n  train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
+          f"key init {tuple(other_x.shape)} ({spec.key_init_set})", flush=True)
+    for seed in args.seeds:
+        streams = {"class_incremental": make_class_incremental_benchmark(
+                       train_x, train_y, test_x, test_y, context["experiences"], seed=seed),
+                   "iid": make_class_incremental_benchmark(train_x, train_y, test_x, test_y, 1, seed=seed)}
+        for name in args.settings:
+            for mode in MODES:
+                if len(results) and ((results.setting == name) & (results.seed == seed)
+                                     & (results["mode"] == mode)).any():
+                    continue
+                setting = GRID[name]
+                model = keys.model(setting, seed)
+                torch.manual_seed(seed)
+                start = time.perf_counter()
+                train(setting, model, streams[mode], args.epochs)
+                seconds = time.perf_counter() - start
+                accuracy = class_balanced_accuracy(model, test_x, test_y, num_classes)
+                print(f"  {name} [{mode}] seed {seed}: {100 * accuracy:.2f} % ({seconds:.0f} s)", flush=True)
+                row = {"setting": name, "seed": seed, "mode": mode, "final_accuracy": accuracy,
+                       "train_seconds": seconds, **dataclasses.asdict(setting), "note": setting.note}
+                del row["name"]
+                results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)
+                write_outputs(args.out, results, context)
+    print(to_markdown(summarise(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

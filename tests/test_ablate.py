@@ -1,0 +1,63 @@
+"""benchmarks.ablate on synthetic embeddings: both modes per setting, resumable, table and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmarks import ablate
+
+SETTINGS = "counts,sgd K 256,counts own-data keys"
+
+
+@pytest.fixture
+def fake_embeddings(monkeypatch):
+    """10 Gaussian classes in 32-d instead of the cache; the key-init set is other noise."""
+    centres = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))
+
+    def embeddings(args, image_set, split, per_class):
+        n = 8 if split == "train" else 4
+        y = torch.arange(10).repeat_interleave(n)
+        g = torch.Generator().manual_seed(hash((image_set, split)) % 1000)
+        return centres[y] + 0.5 * torch.randn(len(y), 32, generator=g), y
+
+    monkeypatch.setattr(ablate, "_embeddings", embeddings)
+
+
+@pytest.fixture
+def small_grid(monkeypatch):
+    """The three settings shrunk to 8 codebooks x 16 keys (their other options unchanged)."""
+    for name in SETTINGS.split(","):
+        monkeypatch.setitem(ablate.GRID, name, dataclasses.replace(ablate.GRID[name], num_codebooks=8, num_keys=16))
+
+
+def test_ablation_rows_resume_and_outputs(tmp_path, fake_embeddings, small_grid, capsys):
+    argv = ["--settings", SETTINGS, "--out", str(tmp_path), "--epochs", "2", "--key-init-epochs", "1"]
+    assert ablate.main(argv) == 0
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert len(results) == 3 * 2 and set(results["mode"]) == {"class_incremental", "iid"}
+    assert results.final_accuracy.between(0, 1).all()
+    own = results[results.setting == "counts own-data keys"]
+    assert (own.note == ablate.OWN_DATA_NOTE).all() and results[results.setting == "counts"].note.isna().all()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "deviation" in summary and summary.count("\n") == 2 + 3
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+
+    capsys.readouterr()
+    assert ablate.main(argv) == 0  # resumed: nothing left to run
+    assert "[class_incremental]" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other settings"):
+        ablate.main(argv[:-2] + ["--key-init-epochs", "2"])
+
+
+def test_unknown_setting_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--settings", "sgd,bogus", "--out", str(tmp_path)])
+
+
+def test_every_setting_name_can_be_selected(tmp_path):
+    args = ablate.parse_args(["--settings", ",".join(ablate.GRID), "--out", str(tmp_path)])
+    assert args.settings == list(ablate.GRID)
