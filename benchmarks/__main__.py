@@ -15,15 +15,20 @@ import logging
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from avalanche.logging import CSVLogger, TextLogger
 
-from benchmarks import methods, real, toy2d
-from benchmarks.outputs import ResultsWriter, atomic_write_text
+from avalanche_dkvb.atomic_files import atomic_write_text
+from avalanche_dkvb.validation import check_positive_int, check_seeds
+from benchmarks import cli, methods, real, toy2d
+from benchmarks.folder_lock import FolderBusy, FolderLock
+from benchmarks.outputs import ResultsWriter, read_run_info
 from benchmarks.runner import make_evaluator, run_stream
+
+
+PROG = "python -m benchmarks"
 
 
 def _csv_list(kind):
@@ -31,8 +36,7 @@ def _csv_list(kind):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", default="toy2d", choices=["toy2d", *real.BENCHMARKS])
     parser.add_argument("--methods", type=_csv_list(str), default=None,
                         help=f"comma-separated methods (default: all); toy2d: {','.join(toy2d.METHODS)}; "
@@ -50,12 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown method(s) {unknown} for {args.benchmark}; expected some of {sorted(available)}")
     args.out = args.out or Path("results") / args.benchmark
+    parser.check(lambda: check_positive_int("--threads", args.threads))
+    if args.benchmark == "toy2d":
+        args.seeds = [0, 1, 2] if args.seeds is None else args.seeds
+        parser.check(lambda: check_seeds("--seeds", args.seeds))
+        if real.flags_set(args):
+            parser.error(f"{', '.join(real.flags_set(args))} apply to the real-image benchmarks only, not to toy2d")
+    else:
+        parser.check(lambda: real.check_settings(real.resolve(args)))
     return args
 
 
-def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
-    writer = ResultsWriter(args.out, resume=args.resume)
-    for seed in args.seeds or [0, 1, 2]:
+def run_toy2d(args: argparse.Namespace, writer: ResultsWriter) -> ResultsWriter:
+    for seed in args.seeds:
         benchmark = toy2d.toy2d_benchmark(seed)
         for method in args.methods:
             if writer.done("toy2d", method, seed):
@@ -77,12 +88,25 @@ def run_toy2d(args: argparse.Namespace) -> ResultsWriter:
     return writer
 
 
-def write_run_info(out: Path, threads: int, command: str, seconds: float, status: str) -> None:
-    """``run.json``: the command, wall-clock time and status ("running" until the run finishes)."""
+def write_run_info(out: Path, threads: int, command: str, seconds: float, status: str,
+                   error: str | None = None) -> None:
+    """``run.json``: the command, wall-clock time and status ("running" until the run finishes;
+    "finished", "interrupted", or "failed" with the ``error``)."""
     atomic_write_text(out / "run.json", json.dumps(
         {"command": command, "status": status, "wall_clock_seconds": round(seconds, 1),
          "torch_threads": threads, "torch": torch.__version__,
-         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2))
+         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **({"error": error} if error else {})},
+        indent=2))
+
+
+def open_results(args: argparse.Namespace) -> ResultsWriter:
+    """The run's results in ``--out``; with ``--resume``, the finished runs there after checking their
+    files and settings (ValueError naming the file otherwise). Reads only, so it runs before any write."""
+    if args.resume and (args.out / "run.json").exists():
+        read_run_info(args.out)
+    if args.benchmark == "toy2d":
+        return ResultsWriter(args.out, resume=args.resume)
+    return real.open_results(args, real.resolve(args))
 
 
 def main(argv=None) -> int:
@@ -91,18 +115,42 @@ def main(argv=None) -> int:
     logging.basicConfig(format="  %(message)s")
     logging.getLogger("avalanche_dkvb").setLevel(logging.INFO)  # key-initialisation progress
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
-    warnings.filterwarnings("ignore", module="avalanche")  # Avalanche's own deprecation chatter
+    cli.hide_avalanche_deprecations()
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    lock = FolderLock(args.out, command)
+    try:
+        lock.acquire()
+        writer = open_results(args)  # a refused --resume has written nothing
+    except (FolderBusy, ValueError, OSError) as error:
+        lock.release()
+        return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
+    try:
+        if lock.took_over:
+            print(f"Took over the stale lock of {args.out} from pid {lock.took_over.get('pid')} (no longer "
+                  f"running): {lock.took_over.get('command')}", file=sys.stderr)
+        return _run(args, command, writer)
+    except Exception as error:
+        return cli.report(PROG, error, args.debug, cli.RUN_ERROR)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, command: str, writer: ResultsWriter) -> int:
+    """Run the job in the held ``--out``, keeping run.json's status true however it ends."""
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_run_info(args.out, args.threads, command, 0.0, "running")
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
     try:
-        writer = run_toy2d(args) if args.benchmark == "toy2d" else real.run_real(args)
+        # run_real opens its own writer (the same files and checks as ``writer``)
+        writer = run_toy2d(args, writer) if args.benchmark == "toy2d" else real.run_real(args)
     except KeyboardInterrupt:
         write_run_info(args.out, args.threads, command, time.perf_counter() - start, "interrupted")
         print(f"Interrupted: the finished runs are in {args.out}; --resume continues from them.", file=sys.stderr)
         return 130
+    except Exception as error:
+        write_run_info(args.out, args.threads, command, time.perf_counter() - start, "failed",
+                       error=f"{type(error).__name__}: {error}")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - start

@@ -9,7 +9,6 @@ method re-run after a fix). Writes summary.csv/.md, the plots and a run.json lis
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -17,8 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, atomic_write_text
+from avalanche_dkvb.atomic_files import atomic_write_text
+from benchmarks import cli
+from benchmarks.folder_lock import FolderBusy, FolderLock
+from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
+
+PROG = "python -m benchmarks.merge"
 
 
 def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWriter:
@@ -98,22 +102,26 @@ def _check_same_settings(run_dirs: list[Path], runs: list[ResultsWriter]) -> Non
 
 def _run_info(run_dir: Path) -> dict:
     """The run's run.json; a run stopped before it could write one is recorded as such."""
-    path = run_dir / "run.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if (run_dir / "run.json").exists():
+        return read_run_info(run_dir)
     return {"command": f"<not recorded: the run in {run_dir} was stopped before writing run.json>",
             "status": "stopped", "wall_clock_seconds": float("nan"), "torch_threads": None, "torch": None,
             "finished": ""}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__)
+    p = cli.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replace", action="store_true",
                    help="a later run's (benchmark, method, seed) rows supersede an earlier run's")
     args = p.parse_args(argv)
-    merge(args.run_dirs, args.out, replace=args.replace)
+    command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        with FolderLock(args.out, command):
+            merge(args.run_dirs, args.out, replace=args.replace)
+    except (FolderBusy, ValueError, OSError) as error:  # unusable inputs: nothing is written
+        return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
     print((args.out / "summary.md").read_text())
     return 0
 

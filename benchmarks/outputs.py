@@ -3,72 +3,69 @@ and re-written after each finished run so an interrupted job keeps everything it
 
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from avalanche_dkvb.atomic_files import atomic_write, atomic_write_text
 
 RESULT_COLUMNS = ["benchmark", "method", "seed", "final_accuracy", "avg_incremental_accuracy",
                   "forgetting", "bwt", "train_seconds"]
 METRICS = ["final_accuracy", "avg_incremental_accuracy", "forgetting", "bwt", "train_seconds"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def atomic_savefig(figure, path: Path) -> None:
-    """Save a matplotlib figure as PNG through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Save a matplotlib figure as PNG atomically (see ``avalanche_dkvb.atomic_files``)."""
+    with atomic_write(path) as file:
+        figure.savefig(file, format="png", dpi=110, bbox_inches="tight")
 
 
 class ResultsWriter:
     """Collects run rows and accuracy matrices and keeps ``out_dir`` up to date after each run.
 
-    With ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done` reports them), after
-    checking they were made with the same ``context`` settings.
+    ``context``: settings columns written on every row, except that a column named in ``applies_to``
+    is written only on the rows of the methods listed there (e.g. ``{"ewc_lambda": {"ewc"}}``), and left
+    empty on the others. With ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done`
+    reports them), after checking that their files are sound (:func:`load_results`) and that they
+    were made with the same ``context`` settings; ValueError otherwise, naming the file.
     """
 
-    def __init__(self, out_dir: Path, context: dict | None = None, resume: bool = False):
+    def __init__(self, out_dir: Path, context: dict | None = None, resume: bool = False,
+                 applies_to: dict[str, set[str]] | None = None):
         self.out_dir = Path(out_dir)
         self.context = dict(context or {})  # extra columns, e.g. encoder and benchmark settings
+        self.applies_to = dict(applies_to or {})
         self.rows: list[dict] = []
         self.matrix_rows: list[dict] = []
         if resume and (self.out_dir / "results.csv").exists():
             self._load_finished_runs()
 
+    def _applies(self, column: str, method: str) -> bool:
+        return column not in self.applies_to or method in self.applies_to[column]
+
     def _load_finished_runs(self) -> None:
-        results = pd.read_csv(self.out_dir / "results.csv")
-        for column, value in self.context.items():
-            found = set(results[column].astype(str)) if column in results else {"<missing>"}
-            if found != {str(value)}:
-                raise ValueError(f"Cannot resume: {self.out_dir / 'results.csv'} has {column}={sorted(found)}, "
-                                 f"this run has {column}={value!r}. Use another --out or the same settings.")
+        results, matrices = load_results(self.out_dir)
+        path = self.out_dir / "results.csv"
+        for column in self.context.keys() | self.applies_to.keys():
+            value = self.context.get(column)
+            applies = results.method.map(lambda method: self._applies(column, method))
+            cells = results.loc[applies, column] if column in results else pd.Series(["<missing>"] * int(applies.sum()))
+            found = set(cells.dropna().astype(str)) | ({"<empty>"} if cells.isna().any() else set())
+            expected = {str(value)} if value is not None else {"<empty>"}
+            if applies.any() and found != expected and not (value is None and column not in results):
+                raise ValueError(f"Cannot resume: {path} has {column}={sorted(found)}, this run has "
+                                 f"{column}={value!r}. Use another --out or the same settings.")
         self.rows = results.to_dict("records")
-        self.matrix_rows = pd.read_csv(self.out_dir / "accuracy_matrix.csv").to_dict("records")
+        self.matrix_rows = matrices.to_dict("records")
 
     def done(self, benchmark: str, method: str, seed: int) -> bool:
         return any((r["benchmark"], r["method"], int(r["seed"])) == (benchmark, method, seed) for r in self.rows)
 
     def add(self, benchmark: str, method: str, seed: int, result) -> None:
         self.rows.append({"benchmark": benchmark, "method": method, "seed": seed, **result.summary(),
-                          **self.context})
+                          **{k: v for k, v in self.context.items() if self._applies(k, method)}})
         for i, row in enumerate(result.accuracy_matrix):
             for j, accuracy in enumerate(row):
                 self.matrix_rows.append({"benchmark": benchmark, "method": method, "seed": seed,
@@ -86,6 +83,76 @@ class ResultsWriter:
         summary = summarise(self.results)
         atomic_write_text(self.out_dir / "summary.csv", summary.to_csv(index=False))
         atomic_write_text(self.out_dir / "summary.md", to_markdown(summary))
+
+
+KEY = ["benchmark", "method", "seed"]
+MATRIX_COLUMNS = KEY + ["after_experience", "on_experience", "accuracy"]
+
+
+def load_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``run_dir``'s results.csv and accuracy_matrix.csv after checking they are what
+    :class:`ResultsWriter` writes: readable CSV, the expected columns, at least one row, accuracies
+    in [0, 1], forgetting and BWT in [-1, 1] (or empty), no (benchmark, method, seed) twice, and a
+    matrix for exactly the runs in results.csv. ValueError naming the file and the problem otherwise."""
+    results = _read_csv(run_dir / "results.csv", RESULT_COLUMNS)
+    _check_range(results, run_dir / "results.csv", ["final_accuracy", "avg_incremental_accuracy"], 0, 1)
+    _check_range(results, run_dir / "results.csv", ["forgetting", "bwt"], -1, 1, allow_empty=True)
+    _check_unique(results, run_dir / "results.csv", KEY)
+    matrices = _read_csv(run_dir / "accuracy_matrix.csv", MATRIX_COLUMNS)
+    _check_range(matrices, run_dir / "accuracy_matrix.csv", ["accuracy"], 0, 1)
+    _check_unique(matrices, run_dir / "accuracy_matrix.csv", KEY + ["after_experience", "on_experience"])
+    runs, matrix_runs = (set(map(tuple, frame[KEY].astype(str).values)) for frame in (results, matrices))
+    if runs != matrix_runs:
+        raise ValueError(f"{run_dir / 'accuracy_matrix.csv'} does not match {run_dir / 'results.csv'}: runs "
+                         f"{sorted(runs - matrix_runs)} have no matrix, {sorted(matrix_runs - runs)} no result row.")
+    return results, matrices
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; expected it beside results.csv, as python -m benchmarks writes it.")
+    try:
+        frame = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path} is not a readable CSV file ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())}).") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; expected {columns}.")
+    if frame.empty:
+        raise ValueError(f"{path} has a header but no rows.")
+    if frame.seed.isna().any() or not pd.api.types.is_integer_dtype(frame.seed) or (frame.seed < 0).any():
+        raise ValueError(f"{path} has seeds that are not non-negative integers: {sorted(set(frame.seed.astype(str)))}.")
+    return frame
+
+
+def _check_range(frame: pd.DataFrame, path: Path, columns: list[str], low: float, high: float,
+                 allow_empty: bool = False) -> None:
+    for column in columns:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~(values.between(low, high) | (frame[column].isna() & allow_empty))  # text is outside too
+        if bad.any():
+            rows = frame.loc[bad, KEY + [column]].head(3).to_dict("records")
+            raise ValueError(f"{path} has {int(bad.sum())} {column} value(s) outside [{low}, {high}], e.g. {rows}.")
+
+
+def _check_unique(frame: pd.DataFrame, path: Path, key: list[str]) -> None:
+    repeated = frame[frame.duplicated(key, keep=False)]
+    if not repeated.empty:
+        raise ValueError(f"{path} has duplicated rows for {key}: {repeated[key].drop_duplicates().head(3).to_dict('records')}.")
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """``run_dir/run.json`` as a dict; ValueError naming the file if it is not a JSON object with a
+    command."""
+    path = run_dir / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({type(error).__name__}: {error}).") from None
+    if not isinstance(info, dict) or "command" not in info:
+        raise ValueError(f"{path} is not a run record: expected a JSON object with a 'command'.")
+    return info
 
 
 def summarise(results: pd.DataFrame, keys: tuple[str, ...] = ("benchmark", "method")) -> pd.DataFrame:

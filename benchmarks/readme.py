@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.outputs import atomic_write_text
+from avalanche_dkvb.atomic_files import atomic_write_text
 
 BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=dir) -->)", re.DOTALL)
 

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 
-from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES, make_class_incremental_benchmark
 from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+from avalanche_dkvb.encoders import get_encoder_spec
+from avalanche_dkvb.validation import check_divides, check_non_negative_float, check_positive_int, check_seeds
 from benchmarks.methods import METHODS, MethodSettings
 from benchmarks.outputs import ResultsWriter
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
@@ -85,13 +87,60 @@ def resolve(args) -> dict:
     return {
         "encoder": args.encoder, "weights": args.weights, "image_size": args.image_size,
         "image_set": spec.image_set, "key_init_set": args.key_init_set or spec.key_init_set,
-        "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set],
+        "experiences": pick("experiences", DEFAULT_EXPERIENCES[spec.image_set]),
         "train_per_class": pick("train_per_class", None), "test_per_class": pick("test_per_class", None),
         "key_init_per_class": pick("key_init_per_class", None),
         "epochs": pick("epochs", 2000), "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
         "ridge_projection": pick("ridge_projection", 5000), "seeds": pick("seeds", [0, 1, 2]),
         **{name: getattr(args, name) for name in STRENGTHS},  # None (the default) leaves no column
     }
+
+
+POSITIVE_INTS = ("image_size", "train_per_class", "test_per_class", "key_init_per_class", "epochs",
+                 "key_init_epochs", "memory", "ridge_projection")  # None: the default, left unchecked
+
+
+def flags_set(args) -> list[str]:
+    """The real-image flags given other values than their defaults in ``args``."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    return [_flag(name) for name, value in vars(defaults.parse_args([])).items() if getattr(args, name) != value]
+
+
+def check_settings(settings: dict) -> None:
+    """Raise ValueError or TypeError naming the command-line flag of the first unusable setting of
+    :func:`resolve`'s ``settings``; cheap (no data is read), so it runs before anything else."""
+    try:
+        get_encoder_spec(settings["encoder"])
+    except ValueError as error:
+        raise ValueError(f"--encoder: {error}") from None
+    weights = settings["weights"]
+    if weights not in ("default", "none") and not Path(weights).is_file():
+        raise ValueError(f"--weights must be 'default', 'none' or an existing checkpoint file, got {weights!r}.")
+    if settings["key_init_set"] not in IMAGE_SETS:
+        raise ValueError(f"--key-init-set must be one of {', '.join(IMAGE_SETS)}, got {settings['key_init_set']!r}.")
+    for name in POSITIVE_INTS:
+        if settings[name] is not None:
+            check_positive_int(_flag(name), settings[name])
+    for name in STRENGTHS:
+        if settings[name] is not None:
+            check_non_negative_float(_flag(name), settings[name])
+    check_divides("--experiences", settings["experiences"], NUM_CLASSES[settings["image_set"]],
+                  f"the number of classes of {settings['image_set']}")
+    check_seeds("--seeds", settings["seeds"])
+
+
+def open_results(args, settings: dict) -> ResultsWriter:
+    """The ResultsWriter of ``args.out``: the settings other than the seeds as columns (those left at
+    None omitted), each strength only on its method's rows; with ``args.resume``, the finished runs
+    there, checked to have the same settings (ValueError otherwise)."""
+    context = {k: v for k, v in settings.items() if v is not None and k != "seeds"}
+    return ResultsWriter(args.out, context=context, resume=args.resume,
+                         applies_to={name: {method} for name, method in STRENGTHS.items()})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run_real(args) -> ResultsWriter:
@@ -102,8 +151,7 @@ def run_real(args) -> ResultsWriter:
     print(f"[{args.benchmark}] train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
           f"key init {tuple(init_x.shape)} ({settings['key_init_set']})", flush=True)
     seeds = settings.pop("seeds")
-    writer = ResultsWriter(args.out, context={k: v for k, v in settings.items() if v is not None},
-                           resume=args.resume)
+    writer = open_results(args, settings)
     for seed in seeds:
         benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y,
                                                      settings["experiences"], seed=seed)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from avalanche_dkvb.atomic_files import atomic_write_text
 from benchmarks.__main__ import main as run_benchmark, parse_args as parse_benchmark_args, write_run_info
-from benchmarks.outputs import atomic_write_text, summarise, to_markdown
+from benchmarks.outputs import summarise, to_markdown
 from benchmarks.real import STRENGTHS
 
 RESERVED = ("--methods", "--out", "--resume")  # set by the sweep for each run

@@ -306,3 +306,57 @@ def test_extract_shows_progress(capsys):
     extract_embeddings(toy_encoder(), toy_dataset(), batch_size=8, progress=True, desc="toy")
     err = capsys.readouterr().err
     assert "toy" in err and "37/37" in err
+
+
+def _refuse_writes_under(monkeypatch, root):
+    """Make every file opened for writing under ``root`` fail as on a read-only mount (the tests run as
+    root, which chmod does not stop)."""
+    import builtins
+    import errno
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(root)) and any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(root)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+
+
+def test_read_only_cache_with_a_valid_entry_is_readable(cache, key, monkeypatch):
+    compute = CountingCompute()
+    cache.get_or_compute(key, compute)
+    for lock in cache.root.glob("*.lock"):
+        lock.unlink()  # a cache copied without its lock files
+    before = all_files(cache.root)
+    _refuse_writes_under(monkeypatch, cache.root)
+    entry = cache.get_or_compute(key, compute)
+    assert entry.from_cache and compute.calls == 1
+    assert_matches(entry, compute)
+    assert all_files(cache.root) == before
+
+
+def test_read_only_cache_without_the_entry_says_so(cache, key, monkeypatch):
+    cache.root.mkdir(parents=True)
+    _refuse_writes_under(monkeypatch, cache.root)
+    compute = CountingCompute()
+    with pytest.raises(PermissionError, match=r"is not writable \(Read-only file system\) and has no valid entry"):
+        cache.get_or_compute(key, compute)
+    assert compute.calls == 0
+
+
+def test_entry_files_get_the_umask_permissions(cache, key):
+    old_umask = os.umask(0o022)
+    try:
+        cache.get_or_compute(key, CountingCompute())
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.root.iterdir() if p.suffix in (".npy", ".json")}
+    assert set(modes.values()) == {0o644}, modes

@@ -12,7 +12,7 @@ from avalanche_dkvb.data.archive import DEFAULT_DATA_ROOT, SHARED_DATA_DIR, extr
 from avalanche_dkvb.data.cifar import load_cifar10, load_cifar100
 from avalanche_dkvb.data.image_folder import CIFAR10_CLASSES, load_cifar10_jpeg, scan_class_folders
 from avalanche_dkvb.data.image_set import ArrayImageDataset, FileImageDataset, ImageSet
-from avalanche_dkvb.data.registry import IMAGE_SETS, load_image_set
+from avalanche_dkvb.data.registry import IMAGE_SETS, NUM_CLASSES, load_image_set
 from avalanche_dkvb.data.streams import DEFAULT_EXPERIENCES, class_order_for_seed, make_class_incremental_benchmark
 from avalanche_dkvb.data.tiny_imagenet import load_tiny_imagenet
 
@@ -24,6 +24,7 @@ __all__ = [
     "FileImageDataset",
     "IMAGE_SETS",
     "ImageSet",
+    "NUM_CLASSES",
     "SHARED_DATA_DIR",
     "class_order_for_seed",
     "extract_archive",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
+
+from avalanche_dkvb.atomic_files import temporary_sibling
 
 __all__ = ["DEFAULT_DATA_ROOT", "REPO_ROOT", "SHARED_DATA_DIR", "extract_archive"]
 
@@ -27,7 +28,7 @@ def extract_archive(archive: str | Path, dest: str | Path, member_root: str | No
     archive's whole content becomes ``dest``). Does nothing if ``dest`` exists. The
     archive is extracted into a temporary sibling of ``dest`` which is renamed to
     ``dest`` only once complete, so an interrupted extraction never leaves a ``dest``
-    that looks complete (a leftover ``.<name>.partial-*`` folder may be deleted).
+    that looks complete (a leftover ``.<name>.<pid>-<hex>.tmp`` folder may be deleted).
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
@@ -35,10 +36,9 @@ def extract_archive(archive: str | Path, dest: str | Path, member_root: str | No
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging = temporary_sibling(dest)
+    staging.mkdir()  # with the umask's permissions, like the files extracted into it
     try:
-        staging = tmp / "content"  # unlike mkdtemp's own folder (0700), created with the umask's permissions
-        staging.mkdir()
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
                 tar.extractall(staging, filter="data")
@@ -56,5 +56,5 @@ def extract_archive(archive: str | Path, dest: str | Path, member_root: str | No
             if not dest.exists():  # not a concurrent extraction that finished first
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return dest

@@ -20,7 +20,7 @@ from avalanche_dkvb.data.image_folder import load_cifar10_jpeg
 from avalanche_dkvb.data.image_set import ImageSet, Transform
 from avalanche_dkvb.data.tiny_imagenet import load_tiny_imagenet
 
-__all__ = ["IMAGE_SETS", "load_image_set"]
+__all__ = ["IMAGE_SETS", "NUM_CLASSES", "load_image_set"]
 
 IMAGE_SETS: dict[str, Callable[..., ImageSet]] = {
     "cifar10": load_cifar10,
@@ -29,6 +29,9 @@ IMAGE_SETS: dict[str, Callable[..., ImageSet]] = {
     "tiny_imagenet": load_tiny_imagenet,
 }
 """Loader of each image set: ``loader(root, split, *, download, transform) -> ImageSet``."""
+
+NUM_CLASSES = {"cifar10": 10, "cifar10_jpeg": 10, "cifar100": 100, "tiny_imagenet": 200}
+"""Number of classes of each image set, known before any data is read (e.g. to check a split)."""
 
 
 def load_image_set(

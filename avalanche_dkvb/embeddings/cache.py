@@ -7,10 +7,12 @@ SHA-256 of the key's canonical JSON (sorted keys, no whitespace)::
     <fp>.labels.npy       (N,) int64
     <fp>.manifest.json    key, shapes, dtypes, byte sizes, BLAKE2b checksums, creation time
     <fp>.lock             empty; advisory lock held while an entry is checked or built
+                          (a cache folder that cannot be written is read without it)
 
 Invariants:
     * A file only ever appears under its final name complete: it is written to a
-      hidden temp file in ``root`` (``.<fp>.*.tmp``), fsync'ed, then ``os.replace``'d.
+      hidden temp file in ``root`` (``.<fp>.*.tmp``), fsync'ed, then ``os.replace``'d
+      (``avalanche_dkvb.atomic_files``).
     * The manifest is written last and removed first, so an entry is complete iff
       its manifest exists and agrees with both data files; anything else (missing
       or unreadable manifest, missing file, wrong size/shape/dtype, checksum
@@ -27,13 +29,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
+
+from avalanche_dkvb.atomic_files import atomic_write
 
 try:  # POSIX advisory locks; without them concurrent builders only duplicate work.
     import fcntl
@@ -151,8 +154,12 @@ class EmbeddingCache:
         """
         fingerprint = key_fingerprint(key)
         paths = self.paths(fingerprint)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with _locked(self.root / f"{fingerprint}.lock"):
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.root / f"{fingerprint}.lock", "a+b")
+        except OSError as error:  # a read-only cache: its valid entries are still readable
+            return self._load_read_only(key, fingerprint, paths, error)
+        with _locked(lock_file):
             self._remove_stale_temp_files(fingerprint)
             try:
                 return self._load(key, fingerprint, paths)
@@ -169,6 +176,20 @@ class EmbeddingCache:
             self._write(key, fingerprint, paths, embeddings, labels)
             loaded = self._load(key, fingerprint, paths, verify_checksums=False)
             return dataclasses.replace(loaded, from_cache=False)
+
+    def _load_read_only(
+        self, key: dict[str, Any], fingerprint: str, paths: dict[str, Path], error: OSError
+    ) -> CachedEmbeddings:
+        """Open the entry without a lock where ``root`` cannot be written (``error``); entries are
+        only ever replaced atomically, so a complete one reads consistently without the lock."""
+        try:
+            return self._load(key, fingerprint, paths)
+        except (FileNotFoundError, _InvalidEntry) as missing:
+            reason = "no entry" if isinstance(missing, FileNotFoundError) else f"invalid entry: {missing}"
+            raise PermissionError(
+                f"embedding cache {self.root} is not writable ({error.strerror or error}) and has no valid entry "
+                f"{fingerprint} for this key ({reason}); give a writable cache_root to compute it."
+            ) from error
 
     def _load(
         self, key: dict[str, Any], fingerprint: str, paths: dict[str, Path], verify_checksums: bool = True
@@ -225,7 +246,7 @@ class EmbeddingCache:
             "checksum_algorithm": _CHECKSUM_ALGORITHM,
         }
         for name, array in (("embeddings", embeddings), ("labels", labels)):
-            with _atomic_file(paths[name], fingerprint) as file:
+            with atomic_write(paths[name]) as file:
                 np.save(file, array, allow_pickle=False)
             manifest[name] = {
                 "file": paths[name].name,
@@ -234,7 +255,7 @@ class EmbeddingCache:
                 "bytes": paths[name].stat().st_size,
                 "checksum": _checksum(paths[name]),
             }
-        with _atomic_file(paths["manifest"], fingerprint) as file:
+        with atomic_write(paths["manifest"]) as file:
             file.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     def _remove_stale_temp_files(self, fingerprint: str) -> None:
@@ -311,42 +332,10 @@ def _checksum(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_file(final: Path, fingerprint: str) -> Iterator[Any]:
-    """Yield a binary file that becomes ``final`` only if the block completes.
-
-    The data goes to a hidden temp file next to ``final``, is fsync'ed, and is moved
-    into place with ``os.replace``; the directory is fsync'ed after the rename.  On any
-    exception the temp file is removed and ``final`` is left untouched.
-    """
-    fd, temp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{fingerprint}.", suffix=".tmp")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(final.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_path`` (released by the OS if the process dies)."""
-    with open(lock_path, "a+b") as lock_file:
+def _locked(lock_file: BinaryIO) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the open ``lock_file``, then close it (the OS releases the
+    lock of a process that dies)."""
+    with lock_file:
         if fcntl is not None:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
         yield  # closing the file releases the lock

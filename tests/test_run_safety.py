@@ -1,0 +1,173 @@
+"""Runs that refuse nonsense and never lose a result: settings checked before anything is read or
+written, one owner per output folder, run.json true however a run ends, damaged inputs named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.folder_lock import LOCK_NAME, FolderBusy, FolderLock
+from benchmarks.merge import main as merge_main
+from benchmarks.outputs import ResultsWriter
+from benchmarks.runner import RunResult
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = ["--benchmark", "split_cifar10_jpeg", "--quick", "--weights", "none", "--threads", "1"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (REAL + ["--epochs", "0"], "--epochs must be a positive integer, got 0."),
+    (REAL + ["--epochs", "-5"], "--epochs must be a positive integer, got -5."),
+    (REAL + ["--ewc-lambda", "nan"], "--ewc-lambda must be a finite number >= 0, got nan."),
+    (REAL + ["--lwf-alpha", "-1"], "--lwf-alpha must be a finite number >= 0, got -1.0."),
+    (REAL + ["--experiences", "0"], "--experiences must be a positive integer, got 0."),
+    (REAL + ["--experiences", "3"], "--experiences must divide the number of classes of cifar10_jpeg (10): "
+                                    "one of [1, 2, 5, 10], got 3."),
+    (REAL + ["--seeds", ""], "--seeds must be a non-empty list of non-negative integers, got []."),
+    (REAL + ["--seeds", "-1"], "--seeds must be a non-empty list of non-negative integers, got [-1]."),
+    (REAL + ["--seeds", "0,0"], "--seeds must not repeat a seed, got [0, 0] (repeated: [0])."),
+    (REAL + ["--threads", "0"], "--threads must be a positive integer, got 0."),
+    (REAL + ["--memory", "-1"], "--memory must be a positive integer, got -1."),
+    (REAL + ["--image-size", "0"], "--image-size must be a positive integer, got 0."),
+    (REAL + ["--train-per-class", "0"], "--train-per-class must be a positive integer, got 0."),
+    (REAL + ["--key-init-set", "mnist"], "--key-init-set must be one of"),
+    (REAL + ["--weights", "/nowhere.pt"], "--weights must be 'default', 'none' or an existing checkpoint file"),
+    (["--seeds", ""], "--seeds must be a non-empty list of non-negative integers, got []."),
+    (["--epochs", "0"], "--epochs apply to the real-image benchmarks only, not to toy2d"),
+])
+def test_bad_settings_are_one_line_exit_2_before_anything_is_read_or_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(out), "--data-root", str(tmp_path / "no-data")] if "--benchmark" in argv
+             else argv + ["--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def _finished_real_run(out: Path, epochs: int) -> None:
+    """A finished one-seed run of ncm as ``python -m benchmarks`` would leave it in ``out``."""
+    writer = ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": epochs})
+    writer.add("split_cifar10_jpeg", "ncm", 0, RunResult(np.eye(2), np.ones(2), np.ones(2), forgetting=0.0,
+                                                          bwt=0.0, train_seconds=1.0))
+    (out / "run.json").write_text(json.dumps({"command": "the first run", "status": "finished"}))
+
+
+def test_a_refused_resume_leaves_every_file_byte_identical(tmp_path, capsys):
+    out = tmp_path / "out"
+    _finished_real_run(out, epochs=200)
+    before = _snapshot(out)
+    status = main(REAL + ["--epochs", "3", "--resume", "--out", str(out), "--data-root", str(tmp_path / "no-data")])
+    assert status == 2
+    assert "Cannot resume" in _one_error_line(capsys)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: (out / "results.csv").write_bytes(b"\xff\xfe\x00garbage"), "results.csv is not a readable CSV"),
+    (lambda out: (out / "results.csv").write_text(""), "results.csv is not a readable CSV file (EmptyDataError"),
+    (lambda out: (out / "results.csv").write_text((out / "results.csv").read_text().splitlines()[0] + "\n"),
+     "results.csv has a header but no rows"),
+    (lambda out: (out / "results.csv").write_text((out / "results.csv").read_text().replace(",1.0,", ",1.5,", 1)),
+     "results.csv has 1 final_accuracy value(s) outside [0, 1]"),
+    (lambda out: (out / "results.csv").write_text((out / "results.csv").read_text()
+                                                  + (out / "results.csv").read_text().splitlines()[1] + "\n"),
+     "results.csv has duplicated rows"),
+    (lambda out: (out / "accuracy_matrix.csv").write_text(
+        (out / "accuracy_matrix.csv").read_text().replace(",1.0\n", ",-0.2\n", 1)),
+     "accuracy_matrix.csv has 1 accuracy value(s) outside [0, 1]"),
+    (lambda out: (out / "accuracy_matrix.csv").unlink(), "accuracy_matrix.csv is missing"),
+    (lambda out: (out / "run.json").write_text("{not json"), "run.json is not readable JSON"),
+])
+def test_damaged_inputs_before_resume_or_merge_are_named_in_one_line(tmp_path, capsys, damage, message):
+    out = tmp_path / "out"
+    _finished_real_run(out, epochs=3)
+    damage(out)
+    before = _snapshot(out)
+    assert main(REAL + ["--epochs", "3", "--resume", "--out", str(out),
+                        "--data-root", str(tmp_path / "no-data")]) == 2
+    assert message in _one_error_line(capsys)
+    assert _snapshot(out) == before
+    assert merge_main([str(out), "--out", str(tmp_path / "merged")]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_an_error_marks_run_json_failed_with_the_message(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(REAL + ["--epochs", "1", "--out", str(out), "--data-root", str(tmp_path / "no-data")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("python -m benchmarks: error: cifar10_jpeg not found")
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "cifar10_jpeg not found" in info["error"]
+    assert not (out / LOCK_NAME).exists()
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback, and still marked failed
+        main(REAL + ["--epochs", "1", "--out", str(out), "--data-root", str(tmp_path / "no-data"), "--debug"])
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_held_folder_is_refused_in_process(tmp_path, capsys):
+    out = tmp_path / "out"
+    with FolderLock(out, "python -m benchmarks --the-holder"):
+        with pytest.raises(FolderBusy, match=rf"pid {os.getpid()} .*--the-holder"):
+            FolderLock(out, "second").acquire()
+        assert main(["--methods", "linear", "--seeds", "0", "--out", str(out)]) == 2
+        assert f"is in use by another run (pid {os.getpid()}" in _one_error_line(capsys)
+    assert not (out / LOCK_NAME).exists()
+
+
+def _benchmarks(*args: str, out: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks", "--methods", "linear", "--seeds", "0",
+                             "--threads", "1", "--out", str(out), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_runs_on_one_folder_the_second_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+    """Real processes: run A holds --out (stopped mid-run so the folder stands still); run B is refused
+    at once, naming A, and changes nothing; A is killed with SIGKILL; run C takes its stale lock over
+    and finishes."""
+    out = tmp_path / "out"
+    first = _benchmarks(out=out)
+    deadline = time.monotonic() + 120
+    while not ((out / "run.json").exists() and (out / LOCK_NAME).exists()
+               and f'"pid": {first.pid}' in (out / LOCK_NAME).read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        before = _snapshot(out)
+        second = _benchmarks("--resume", out=out)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2
+        assert err.strip().count("\n") == 0
+        assert f"is in use by another run (pid {first.pid}" in err and "--methods linear" in err
+        assert _snapshot(out) == before
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    third = _benchmarks("--resume", out=out)
+    _, err = third.communicate(timeout=180)
+    assert third.returncode == 0, err
+    assert f"Took over the stale lock of {out} from pid {first.pid}" in err
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert pd.read_csv(out / "results.csv").method.tolist() == ["linear"]
+    assert not (out / LOCK_NAME).exists()
