@@ -1,4 +1,4 @@
-# `make run`  : set everything up, then run the main job (the seeds' 2D stream).
+# `make run`  : set everything up, then run the main job (the seeds' 2D stream) into runs/toy2d (git-ignored).
 # `make test` : set everything up, then run the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -17,10 +17,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --out runs/toy2d
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) runs

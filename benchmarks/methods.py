@@ -24,6 +24,7 @@ from torch import nn
 from avalanche_dkvb import DKVB, CountValues, create_dkvb_model
 from avalanche_dkvb.baselines import CopyingSynapticIntelligence, NearestClassMean, RandomProjectionRidge
 from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin
+from avalanche_dkvb.validation import check_non_negative_float, check_positive_float, check_positive_int
 
 
 @dataclass
@@ -42,6 +43,14 @@ class MethodSettings:
     si_lambda: float = 1.0
     ridge_projection: int = 5000
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        """ValueError/TypeError naming the first unusable setting, before any strategy is built."""
+        for name in ("input_dim", "num_classes", "epochs", "key_init_epochs", "memory", "ridge_projection"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_float("baseline_lr", self.baseline_lr)
+        for name in ("ewc_lambda", "lwf_alpha", "si_lambda"):
+            check_non_negative_float(name, getattr(self, name))
 
 
 class GradientClipPlugin(SupervisedPlugin):

@@ -18,6 +18,7 @@ from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES, ma
 from avalanche_dkvb.embeddings.pipeline import cached_embeddings
 from avalanche_dkvb.encoders import get_encoder_spec
 from avalanche_dkvb.validation import check_divides, check_non_negative_float, check_positive_int, check_seeds
+from benchmarks import paths
 from benchmarks.methods import METHODS, MethodSettings
 from benchmarks.outputs import ResultsWriter
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
@@ -51,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder", default="tf_efficientnet_lite0", help="encoder name (avalanche_dkvb.encoders)")
     g.add_argument("--weights", default="default", help="'default', 'none' (random init) or a checkpoint path")
     g.add_argument("--image-size", type=int, default=None, help="override the encoder's input resolution")
-    g.add_argument("--data-root", type=Path, default=None, help="folder holding the data sets")
-    g.add_argument("--cache-root", type=Path, default=None, help="embedding cache folder")
-    g.add_argument("--download", action="store_true", help="download or extract missing data")
+    g.add_argument("--data-root", type=Path, default=paths.DATA_ROOT, help="folder holding the data sets (%(default)s)")
+    g.add_argument("--cache-root", type=Path, default=paths.CACHE_ROOT, help="embedding cache folder (%(default)s)")
+    g.add_argument("--download", action="store_true",
+                   help=f"download missing data, or extract it from the archives in {paths.ARCHIVE_DIR}")
     g.add_argument("--experiences", type=int, default=None, help="number of experiences")
     g.add_argument("--key-init-set", default=None, help="image set for DKVB's key initialisation")
     g.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
@@ -70,9 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _embeddings(args, image_set: str, split: str, per_class: int | None):
-    kwargs = {k: v for k, v in (("data_root", args.data_root), ("cache_root", args.cache_root)) if v is not None}
     cached = cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
-                               download=args.download, image_size=args.image_size, per_class=per_class, **kwargs)
+                               data_root=args.data_root, cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
+                               download=args.download, image_size=args.image_size, per_class=per_class)
     return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
 
 

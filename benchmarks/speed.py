@@ -9,15 +9,15 @@ protocol, and the generic (autograd) path's median time per step, measured in th
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-import warnings
 
 import torch
 
 from avalanche_dkvb import DKVB, create_dkvb_model, ema_init_keys
 from avalanche_dkvb.data.streams import make_class_incremental_benchmark
+from avalanche_dkvb.validation import check_positive_int
+from benchmarks import cli
 from benchmarks.runner import make_evaluator
 
 
@@ -31,7 +31,7 @@ def synthetic_embeddings(n: int, dim: int, num_classes: int, seed: int):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
     p.add_argument("--epochs", type=int, default=2000)
     p.add_argument("--experiences", type=int, default=5)
     p.add_argument("--per-experience", type=int, default=10_000)
@@ -39,8 +39,10 @@ def main(argv=None) -> None:
     p.add_argument("--generic-steps", type=int, default=10, help="steps timed on the generic path")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    p.check(*(lambda name=name: check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+              for name in ("epochs", "experiences", "per_experience", "embed_dim", "generic_steps", "threads")))
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    cli.hide_avalanche_deprecations()
     num_classes = 2 * args.experiences
     n = args.experiences * args.per_experience
     train_x, train_y = synthetic_embeddings(n, args.embed_dim, num_classes, seed=0)

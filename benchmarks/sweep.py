@@ -19,10 +19,14 @@ from pathlib import Path
 import pandas as pd
 
 from avalanche_dkvb.atomic_files import atomic_write_text
+from avalanche_dkvb.validation import check_non_negative_float
+from benchmarks import cli
 from benchmarks.__main__ import main as run_benchmark, parse_args as parse_benchmark_args, write_run_info
+from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import summarise, to_markdown
 from benchmarks.real import STRENGTHS
 
+PROG = "python -m benchmarks.sweep"
 RESERVED = ("--methods", "--out", "--resume")  # set by the sweep for each run
 
 
@@ -34,13 +38,17 @@ def numbers(text: str) -> list[str]:
     """Comma-separated numbers, kept as typed (they name the run folders)."""
     values = [item for item in text.split(",") if item]
     for value in values:
-        float(value)  # argparse turns the ValueError into a usage error naming the option
+        number = float(value)  # a ValueError: argparse's "invalid numbers value"
+        try:
+            check_non_negative_float("each strength", number)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return values
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="sweep folder")
     for name, method in STRENGTHS.items():
         parser.add_argument(_flag(name), type=numbers, default=[],
@@ -59,9 +67,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv=None) -> int:
     args, benchmark_args = parse_args(argv)
-    command = " ".join(["python -m benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        with FolderLock(args.out, command):
+            return _sweep(args, benchmark_args, command)
+    except FolderBusy as error:
+        return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
+
+
+def _sweep(args: argparse.Namespace, benchmark_args: list[str], command: str) -> int:
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_run_info(args.out, args.threads, command, 0.0, "running")
     frames = []
     for name, method in STRENGTHS.items():
@@ -70,7 +85,9 @@ def main(argv=None) -> int:
             status = run_benchmark([*benchmark_args, "--methods", method, _flag(name), value,
                                     "--out", str(run_dir), "--resume"])
             if status != 0:
-                write_run_info(args.out, args.threads, command, time.perf_counter() - start, "interrupted")
+                write_run_info(args.out, args.threads, command, time.perf_counter() - start,
+                               "interrupted" if status == 130 else "failed",
+                               error=None if status == 130 else f"the run in {run_dir} ended with status {status}")
                 return status
             frames.append(pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}"))
     results = pd.concat(frames, ignore_index=True)

@@ -16,7 +16,6 @@ from avalanche_dkvb.data import (
     CIFAR10_CLASSES,
     DEFAULT_EXPERIENCES,
     IMAGE_SETS,
-    SHARED_DATA_DIR,
     class_order_for_seed,
     extract_archive,
     load_cifar10,
@@ -27,6 +26,7 @@ from avalanche_dkvb.data import (
     make_class_incremental_benchmark,
     scan_class_folders,
 )
+from benchmarks.paths import ARCHIVE_DIR
 
 torch.set_num_threads(1)
 
@@ -194,7 +194,8 @@ def test_cifar_missing_files_error_names_path_files_and_remedy(cifar10_root, tmp
         load_cifar100(tmp_path / "nowhere", "train")
     message = str(info.value)
     assert str((tmp_path / "nowhere" / "cifar-100-python").resolve()) in message
-    assert "meta" in message and "cifar-100-python.tar.gz" in message and "--data-root" in message
+    assert "meta" in message and "cifar-100-python.tar.gz" in message and "root (data_root)" in message
+    assert "--" not in message  # the library names its parameters, not the command line's flags
 
     root, _ = cifar10_root
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
@@ -354,7 +355,7 @@ def test_load_image_set_registry(cifar10_root):
         load_image_set("cifar10", "val", root)
 
 
-SHARED_CIFAR10_JPEG = SHARED_DATA_DIR / "cifar10-jpeg.tar.gz"
+SHARED_CIFAR10_JPEG = ARCHIVE_DIR / "cifar10-jpeg.tar.gz"
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10_JPEG.is_file(), reason=f"{SHARED_CIFAR10_JPEG} not present")

@@ -171,3 +171,39 @@ def test_two_runs_on_one_folder_the_second_is_refused_and_a_killed_holder_is_tak
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert pd.read_csv(out / "results.csv").method.tolist() == ["linear"]
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"epochs": 0}, "epochs must be a positive integer, got 0."),
+    ({"baseline_lr": float("nan")}, "baseline_lr must be a finite number > 0, got nan."),
+    ({"ewc_lambda": -1.0}, "ewc_lambda must be a finite number >= 0, got -1.0."),
+    ({"memory": 0}, "memory must be a positive integer, got 0."),
+])
+def test_method_settings_refuse_what_the_cli_refuses(setting, message):
+    import torch
+
+    from benchmarks.methods import MethodSettings
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        MethodSettings(input_dim=4, num_classes=2, key_init_data=torch.zeros(1, 4), **setting)
+
+
+def test_make_run_writes_into_an_ignored_folder():
+    recipe = (REPO / "Makefile").read_text().split("\nrun:")[1].split("\n\n")[0]
+    out = recipe.split("--out ")[1].split()[0]
+    assert not out.startswith("results")
+    assert subprocess.run(["git", "check-ignore", "-q", f"{out}/results.csv"], cwd=REPO).returncode == 0
+
+
+def test_a_strength_is_written_only_on_its_methods_rows(tmp_path):
+    writer = ResultsWriter(tmp_path, context={"epochs": 3, "ewc_lambda": 7.0}, applies_to={"ewc_lambda": {"ewc"}})
+    for method in ("ewc", "ncm"):
+        writer.add("bench", method, 0, RunResult(np.eye(2), np.ones(2), np.ones(2), forgetting=0.0, bwt=0.0,
+                                                 train_seconds=1.0))
+    results = pd.read_csv(tmp_path / "results.csv").set_index("method")
+    assert results.ewc_lambda["ewc"] == 7.0 and np.isnan(results.ewc_lambda["ncm"])
+    assert (results.epochs == 3).all()
+    resumed = ResultsWriter(tmp_path, context={"epochs": 3, "ewc_lambda": 7.0}, applies_to={"ewc_lambda": {"ewc"}},
+                            resume=True)
+    assert resumed.done("bench", "ncm", 0)
+    with pytest.raises(ValueError, match=r"has ewc_lambda=\['7.0'\], this run has ewc_lambda=None"):
+        ResultsWriter(tmp_path, context={"epochs": 3}, applies_to={"ewc_lambda": {"ewc"}}, resume=True)

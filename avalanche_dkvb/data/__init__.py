@@ -8,24 +8,23 @@
 n_experiences, seed)`` -> an Avalanche class-incremental benchmark.
 """
 
-from avalanche_dkvb.data.archive import DEFAULT_DATA_ROOT, SHARED_DATA_DIR, extract_archive
+from avalanche_dkvb.data.archive import extract_archive
 from avalanche_dkvb.data.cifar import load_cifar10, load_cifar100
 from avalanche_dkvb.data.image_folder import CIFAR10_CLASSES, load_cifar10_jpeg, scan_class_folders
 from avalanche_dkvb.data.image_set import ArrayImageDataset, FileImageDataset, ImageSet
-from avalanche_dkvb.data.registry import IMAGE_SETS, NUM_CLASSES, load_image_set
+from avalanche_dkvb.data.registry import IMAGE_SETS, LOCAL_ARCHIVES, NUM_CLASSES, load_image_set
 from avalanche_dkvb.data.streams import DEFAULT_EXPERIENCES, class_order_for_seed, make_class_incremental_benchmark
 from avalanche_dkvb.data.tiny_imagenet import load_tiny_imagenet
 
 __all__ = [
     "ArrayImageDataset",
     "CIFAR10_CLASSES",
-    "DEFAULT_DATA_ROOT",
     "DEFAULT_EXPERIENCES",
     "FileImageDataset",
     "IMAGE_SETS",
     "ImageSet",
+    "LOCAL_ARCHIVES",
     "NUM_CLASSES",
-    "SHARED_DATA_DIR",
     "class_order_for_seed",
     "extract_archive",
     "load_cifar10",

@@ -1,9 +1,4 @@
-"""Where data lives locally, and atomic extraction of dataset archives.
-
-``DEFAULT_DATA_ROOT`` (``<repo>/data``, git-ignored) is where datasets are read from
-and extracted to; ``SHARED_DATA_DIR`` (``<repo>/../shared/data``) holds read-only
-archives provided on machines without internet.
-"""
+"""Atomic extraction of dataset archives (where data lives by default: ``avalanche_dkvb.locations``)."""
 
 from __future__ import annotations
 
@@ -13,12 +8,24 @@ import zipfile
 from pathlib import Path
 
 from avalanche_dkvb.atomic_files import temporary_sibling
+from avalanche_dkvb.locations import ARCHIVE_DIR_ENV, default_archive_dir
 
-__all__ = ["DEFAULT_DATA_ROOT", "REPO_ROOT", "SHARED_DATA_DIR", "extract_archive"]
+__all__ = ["describe_archive", "extract_archive", "local_archive"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_ROOT = REPO_ROOT / "data"
-SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+def local_archive(archive: str | Path | None, name: str) -> Path | None:
+    """``archive`` as a Path, else ``name`` in ``default_archive_dir()``, else None (no local archive)."""
+    if archive is not None:
+        return Path(archive)
+    archive_dir = default_archive_dir()
+    return archive_dir / name if archive_dir is not None else None
+
+
+def describe_archive(archive: Path | None) -> str:
+    """For error messages: the archive and whether it exists, or how to name one."""
+    if archive is None:
+        return f"a local archive (none given: pass archive=, archive_dir=, or set ${ARCHIVE_DIR_ENV})"
+    return f"{archive} (exists: {archive.is_file()})"
 
 
 def extract_archive(archive: str | Path, dest: str | Path, member_root: str | None = None) -> Path:

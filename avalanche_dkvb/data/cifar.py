@@ -140,7 +140,7 @@ def _missing_message(spec: CifarSpec, root: Path, missing: list[str]) -> str:
         f"{', '.join(spec.all_files)} (missing: {', '.join(missing)}). "
         f"Download and extract the official archive {spec.url} into {root.resolve()}, "
         f"pass download=True on a machine with internet, "
-        f"or pass --data-root pointing at a folder that contains {spec.folder}/."
+        f"or give as root (data_root) a folder that contains {spec.folder}/."
     )
 
 

@@ -1,6 +1,6 @@
 """Image-folder datasets (``<split>/<class>/<image>``), and CIFAR-10 stored that way.
 
-The CIFAR-10 JPEG copy (``SHARED_DATA_DIR/cifar10-jpeg.tar.gz``) unpacks to
+The CIFAR-10 JPEG copy (an archive ``cifar10-jpeg.tar.gz``, no online source) unpacks to
 ``train/<class>/NNNN.jpg`` (5,000 per class) and ``test/<class>/NNNN.jpg`` (1,000 per
 class); it is read from ``root/cifar10-jpeg/``. Its pixels are JPEG-compressed
 (quality 75), so results on it are "CIFAR-10 (JPEG copy)", not CIFAR-10.
@@ -13,12 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from avalanche_dkvb.data.archive import SHARED_DATA_DIR, extract_archive
+from avalanche_dkvb.data.archive import describe_archive, extract_archive, local_archive
 from avalanche_dkvb.data.image_set import FileImageDataset, ImageSet, Transform, check_split, files_fingerprint
 
 __all__ = [
     "CIFAR10_CLASSES",
-    "CIFAR10_JPEG_ARCHIVE",
+    "CIFAR10_JPEG_ARCHIVE_NAME",
     "CIFAR10_JPEG_FOLDER",
     "IMAGE_SUFFIXES",
     "load_cifar10_jpeg",
@@ -29,7 +29,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 """CIFAR-10 class names in official label order 0..9 (``batches.meta``)."""
 
 CIFAR10_JPEG_FOLDER = "cifar10-jpeg"
-CIFAR10_JPEG_ARCHIVE = SHARED_DATA_DIR / "cifar10-jpeg.tar.gz"
+CIFAR10_JPEG_ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -67,24 +67,26 @@ def load_cifar10_jpeg(
     *,
     download: bool = False,
     transform: Transform | None = None,
-    archive: str | Path = CIFAR10_JPEG_ARCHIVE,
+    archive: str | Path | None = None,
 ) -> ImageSet:
     """CIFAR-10 (JPEG copy) ``split`` from ``root/cifar10-jpeg/<split>/<class>/*.jpg``.
 
-    If that folder is absent and ``download`` is true, ``archive`` is extracted there
-    (atomically; there is no online source for this copy).
+    If that folder is absent and ``download`` is true, ``archive`` (default:
+    ``cifar10-jpeg.tar.gz`` in ``default_archive_dir()``) is extracted there (atomically;
+    there is no online source for this copy).
     """
     check_split(split)
     folder = Path(root).resolve() / CIFAR10_JPEG_FOLDER
+    archive = local_archive(archive, CIFAR10_JPEG_ARCHIVE_NAME)
     if not folder.is_dir():
-        if download and Path(archive).is_file():
+        if download and archive is not None and archive.is_file():
             extract_archive(archive, folder)
         else:
             raise FileNotFoundError(
                 f"cifar10_jpeg not found: expected {folder} containing train/<class>/*.jpg and test/<class>/*.jpg "
-                f"for classes {', '.join(CIFAR10_CLASSES)}. Pass download=True to extract {archive} there "
-                f"(exists: {Path(archive).is_file()}), run `mkdir -p {folder} && tar xzf cifar10-jpeg.tar.gz -C {folder}`, "
-                f"or pass --data-root pointing at a folder that contains {CIFAR10_JPEG_FOLDER}/."
+                f"for classes {', '.join(CIFAR10_CLASSES)}. Pass download=True to extract {describe_archive(archive)} "
+                f"there, run `mkdir -p {folder} && tar xzf cifar10-jpeg.tar.gz -C {folder}`, "
+                f"or give as root (data_root) a folder that contains {CIFAR10_JPEG_FOLDER}/."
             )
     paths, targets = scan_class_folders(folder / split, CIFAR10_CLASSES)
     identity = {

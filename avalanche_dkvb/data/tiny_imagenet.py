@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from avalanche_dkvb.data.archive import SHARED_DATA_DIR, extract_archive
+from avalanche_dkvb.data.archive import describe_archive, extract_archive, local_archive
 from avalanche_dkvb.data.image_folder import IMAGE_SUFFIXES
 from avalanche_dkvb.data.image_set import FileImageDataset, ImageSet, Transform, check_split, files_fingerprint
 
 __all__ = [
-    "TINY_IMAGENET_ARCHIVE",
+    "TINY_IMAGENET_ARCHIVE_NAME",
     "TINY_IMAGENET_FOLDER",
     "TINY_IMAGENET_MD5",
     "TINY_IMAGENET_URL",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
-TINY_IMAGENET_ARCHIVE = SHARED_DATA_DIR / "tiny-imagenet-200-trainval.tar.gz"
+TINY_IMAGENET_ARCHIVE_NAME = "tiny-imagenet-200-trainval.tar.gz"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
@@ -39,27 +39,29 @@ def load_tiny_imagenet(
     *,
     download: bool = False,
     transform: Transform | None = None,
-    archive: str | Path = TINY_IMAGENET_ARCHIVE,
+    archive: str | Path | None = None,
 ) -> ImageSet:
     """Tiny-ImageNet-200 ``split`` ("train": 100,000 images; "test": the 10,000 val images).
 
     If ``root/tiny-imagenet-200`` is absent and ``download`` is true, it is extracted
-    (atomically) from the local ``archive`` if that exists, else from the official zip
-    downloaded with torchvision.
+    (atomically) from the local ``archive`` (default: ``tiny-imagenet-200-trainval.tar.gz``
+    in ``default_archive_dir()``) if that exists, else from the official zip downloaded
+    with torchvision.
     """
     check_split(split)
     root = Path(root).resolve()
     folder = root / TINY_IMAGENET_FOLDER
+    archive = local_archive(archive, TINY_IMAGENET_ARCHIVE_NAME)
     if not folder.is_dir() and download:
-        _fetch(root, Path(archive))
+        _fetch(root, archive)
     required = ["wnids.txt", "words.txt", "train" if split == "train" else "val/val_annotations.txt"]
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(
             f"tiny_imagenet not found: expected {folder} in the official layout (missing: {', '.join(missing)}). "
-            f"Pass download=True to extract {archive} (exists: {Path(archive).is_file()}) or download "
+            f"Pass download=True to extract {describe_archive(archive)} or download "
             f"{TINY_IMAGENET_URL}, unzip that archive into {root}, "
-            f"or pass --data-root pointing at a folder that contains {TINY_IMAGENET_FOLDER}/."
+            f"or give as root (data_root) a folder that contains {TINY_IMAGENET_FOLDER}/."
         )
 
     wnids = _read_wnids(folder / "wnids.txt")
@@ -81,9 +83,9 @@ def load_tiny_imagenet(
     return ImageSet(dataset=dataset, targets=targets, classes=classes, identity=identity)
 
 
-def _fetch(root: Path, archive: Path) -> None:
+def _fetch(root: Path, archive: Path | None) -> None:
     """Extract ``archive`` (or the downloaded official zip) to ``root/tiny-imagenet-200``."""
-    if not archive.is_file():
+    if archive is None or not archive.is_file():
         from torchvision.datasets.utils import download_url
 
         archive = root / Path(TINY_IMAGENET_URL).name

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Subset
 
-from avalanche_dkvb.data import DEFAULT_DATA_ROOT, load_image_set
+from avalanche_dkvb.data import load_image_set
 from avalanche_dkvb.embeddings.cache import CachedEmbeddings, EmbeddingCache
 from avalanche_dkvb.embeddings.extract import extract_embeddings
 from avalanche_dkvb.encoders import create_encoder, get_encoder_spec
-
-DEFAULT_CACHE_ROOT = Path(DEFAULT_DATA_ROOT).parent / ".cache" / "embeddings"
+from avalanche_dkvb.locations import default_cache_root
+from avalanche_dkvb.validation import check_non_negative_int, check_positive_int
 
 
 def cached_embeddings(
@@ -23,8 +22,9 @@ def cached_embeddings(
     split: str,
     *,
     weights: str | os.PathLike | None = "default",
-    data_root: str | os.PathLike = DEFAULT_DATA_ROOT,
-    cache_root: str | os.PathLike = DEFAULT_CACHE_ROOT,
+    data_root: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike | None = None,
+    archive_dir: str | os.PathLike | None = None,
     download: bool = False,
     image_size: int | None = None,
     per_class: int | None = None,
@@ -37,12 +37,20 @@ def cached_embeddings(
 
     ``image_size`` overrides the encoder's input resolution (a cheaper, documented deviation from
     its pretrained configuration); ``per_class`` keeps only the first that many samples of each
-    class, in the data set's order.
+    class, in the data set's order. ``data_root`` and ``archive_dir`` are ``load_image_set``'s
+    ``root`` and ``archive_dir``; ``cache_root`` defaults to ``default_cache_root()``. The sizes are
+    checked before any data is read.
     """
+    for name, value in (("image_size", image_size), ("per_class", per_class)):
+        if value is not None:
+            check_positive_int(name, value)
+    check_positive_int("batch_size", batch_size)
+    check_non_negative_int("num_workers", num_workers)
     spec = get_encoder_spec(encoder)
     if image_size is not None:
         spec = dataclasses.replace(spec, input_size=image_size)
-    images = load_image_set(image_set, split, root=data_root, download=download, transform=spec.transform())
+    images = load_image_set(image_set, split, root=data_root, download=download, transform=spec.transform(),
+                            archive_dir=archive_dir)
     dataset = images.dataset
     if per_class is not None:
         dataset = Subset(dataset, first_per_class(images.targets, per_class))
@@ -52,13 +60,12 @@ def cached_embeddings(
         return extract_embeddings(create_encoder(encoder, weights), dataset, batch_size=batch_size,
                                   num_workers=num_workers, desc=f"{encoder} {image_set}/{split}")
 
-    return EmbeddingCache(cache_root).get_or_compute(key, compute)
+    return EmbeddingCache(default_cache_root() if cache_root is None else cache_root).get_or_compute(key, compute)
 
 
 def first_per_class(targets: np.ndarray, per_class: int) -> list[int]:
     """Indices of the first ``per_class`` samples of every class, in data set order."""
-    if per_class < 1:
-        raise ValueError(f"per_class must be a positive integer, got {per_class}.")
+    check_positive_int("per_class", per_class)
     seen: dict[int, int] = {}
     keep = []
     for i, label in enumerate(targets.tolist()):
