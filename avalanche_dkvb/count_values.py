@@ -13,7 +13,9 @@ in each of the C*k rows it selects; each row's value is a function of that row's
     ``"counts"``                   n_kc, the raw counts: what SGD on the values degenerates to at the
                                    paper's settings (tiny steps around uniform logits).
 
-with ``n_kc`` the row's count of class c, ``n_k`` its total and ``a`` = ``smoothing``. The mean decoder
+with ``n_kc`` the row's count of class c, ``n_k`` its total and ``a`` = ``smoothing`` (default 0.1:
+on Split-CIFAR10 lite0 embeddings, seed-0 keys, log posterior a 0.01 / 0.1 / 0.3 / 1 / 3 / 10 gave
+70.5 / 70.4 / 70.3 / 70.0 / 69.6 / 69.0 %, the posterior without log 69.4-69.5 %, raw counts 67.9 %). The mean decoder
 then averages the selected rows over codebooks, as in DKVB. Consequences:
 
 - the model after a stream is exactly the same whatever the order of its samples and experiences
@@ -41,7 +43,7 @@ from avalanche_dkvb.validation import check_positive_int
 VALUE_RULES = ("log_posterior", "posterior", "counts")
 
 
-def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smoothing: float = 1.0) -> torch.Tensor:
+def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smoothing: float = 0.1) -> torch.Tensor:
     """Value rows from per-key class counts: (..., V) integer counts -> (..., V) float32 values.
 
     Each output row depends only on the same input row; an all-zero row gives an all-zero value.
@@ -94,7 +96,7 @@ class CountValues(SupervisedTemplate):
         *,
         model: DKVBModel,
         value_rule: str = "log_posterior",
-        smoothing: float = 1.0,
+        smoothing: float = 0.1,
         init_data: torch.Tensor | Dataset | None = None,
         key_init: str = "ema",
         key_init_kwargs: dict | None = None,
