@@ -133,8 +133,9 @@ def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | No
 class CachedExperienceBatches:
     """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
     selected rows, codebook-major (C*k, N). Iterating yields ``len(self)`` batches of ``batch_size``
-    (a fresh permutation from torch's global RNG each time when ``shuffle``), and sets
-    :attr:`current_rows` (C*k, b) to the rows of the batch just yielded.
+    (a fresh permutation from torch's global RNG each time when ``shuffle``), sets
+    :attr:`current_rows` (C*k, b) to the rows of the batch just yielded, and adds the epoch's key
+    selections to the usage counters when the epoch ends (once, not per step).
 
     Codebook-major order makes each step visit the value table one codebook slice (K rows) at a time,
     which stays in cache: about 1.6x faster than sample-major order at the paper's scale. Holds the
@@ -153,6 +154,8 @@ class CachedExperienceBatches:
         self.rows = torch.cat(rows).T.contiguous()  # (C*k, N)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.current_rows: torch.Tensor | None = None
+        self.usage_counts = model.bottleneck.usage_counts  # (C, K)
+        self.epoch_counts = self._counts(self.rows)
 
     def __len__(self) -> int:
         return -(-len(self.targets) // self.batch_size)
@@ -162,10 +165,19 @@ class CachedExperienceBatches:
         if self.shuffle:  # one permutation per epoch; each step then reads contiguous column blocks
             order = torch.randperm(len(targets), device=targets.device)
             inputs, targets, task_labels, rows = inputs[order], targets[order], task_labels[order], rows[:, order]
-        for start in range(0, len(targets), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            self.current_rows = rows[:, batch]
-            yield [inputs[batch], targets[batch], task_labels[batch]]
+        consumed = 0
+        try:
+            for start in range(0, len(targets), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                self.current_rows = rows[:, batch]
+                consumed = min(start + self.batch_size, len(targets))
+                yield [inputs[batch], targets[batch], task_labels[batch]]
+        finally:  # the selections of the batches trained on, counted once per epoch (also if stopped early)
+            counts = self.epoch_counts if consumed == len(targets) else self._counts(rows[:, :consumed])
+            self.usage_counts.view(-1).add_(counts)
+
+    def _counts(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(rows.flatten(), minlength=self.usage_counts.numel())
 
 
 class RowsByContent:
@@ -187,8 +199,10 @@ class RowsByContent:
         return len(self.loader)
 
     def __iter__(self):
+        usage = self.model.bottleneck.usage_counts.view(-1)
         for mbatch in self.loader:
             self.current_rows = self.rows_of(mbatch[0]).T.contiguous()
+            usage.index_add_(0, self.current_rows.flatten(), torch.ones_like(self.current_rows.flatten()))
             yield mbatch
 
     def _words(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,14 +278,11 @@ def torch_threads(count: int | None):
 
 class FastStep:
     """The fast path's forward, backward and SGD step for one experience, reading the rows of the
-    current minibatch from ``batches.current_rows``.
+    current minibatch from ``batches.current_rows``; gather and scatter run through ``kernels``."""
 
-    ``compiled`` fuses gather and scatter with ``torch.compile``, probed once on ``device`` (eager,
-    with a warning, where compilation is unavailable; the results are the same)."""
-
-    def __init__(self, model: DKVBModel, batches, label_smoothing: float, compiled_kernels: "Kernels"):
+    def __init__(self, model: DKVBModel, batches, label_smoothing: float, kernels: "Kernels"):
         self.bottleneck = model.bottleneck
-        self.batches, self.label_smoothing, self.kernels = batches, label_smoothing, compiled_kernels
+        self.batches, self.label_smoothing, self.kernels = batches, label_smoothing, kernels
         self._gradient: torch.Tensor | None = None
 
     @property
@@ -280,10 +291,8 @@ class FastStep:
 
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
-        """Training-mode logits (b, V) of the current batch; counts the selections, as the model does."""
-        rows = self.batches.current_rows
-        self.bottleneck.count_usage(rows)
-        return self.kernels.gather_mean(self._values, rows)
+        """Training-mode logits (b, V) of the current batch (its source counts the selections)."""
+        return self.kernels.gather_mean(self._values, self.batches.current_rows)
 
     @torch.no_grad()
     def backward(self, logits: torch.Tensor, y: torch.Tensor) -> None:

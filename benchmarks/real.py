@@ -21,7 +21,7 @@ from avalanche_dkvb.validation import check_divides, check_non_negative_float, c
 from benchmarks import paths
 from benchmarks.methods import METHODS, MethodSettings
 from benchmarks.outputs import ResultsWriter
-from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
+from benchmarks.plots import plot_accuracy_curves, plot_final_matrices, plot_key_diagnostics
 from benchmarks.runner import make_evaluator, run_stream
 
 
@@ -171,13 +171,17 @@ def run_real(args) -> ResultsWriter:
                     epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory,
                     ridge_projection=settings["ridge_projection"],
                     **{name: settings[name] for name in STRENGTHS if settings[name] is not None})
-                strategy = METHODS[method](method_settings,
-                                           make_evaluator([TextLogger(log_file), csv_logger, tb_logger]))
+                evaluator = make_evaluator([TextLogger(log_file), csv_logger, tb_logger],
+                                           diagnostics=method.startswith("dkvb"))
+                strategy = METHODS[method](method_settings, evaluator)
                 print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)
                 result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True))
                 csv_logger.close()
                 tb_logger.writer.close()
             writer.add(args.benchmark, method, seed, result)
+            if "diagnostics" in result.extra:
+                plot_key_diagnostics(result.extra["diagnostics"], f"{method} (seed {seed})",
+                                     args.out / f"key_diagnostics_{method}_seed{seed}.png")
             plot_accuracy_curves(writer, args.out / "accuracy_curves.png")
             plot_final_matrices(writer, args.out / "final_accuracy_matrices.png")
     return writer

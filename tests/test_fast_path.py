@@ -325,3 +325,24 @@ def test_naive_with_dkvb_plugin_optimises_only_the_values(make_model, init_data,
     strategy.train(toy_stream.train_stream[0])
     assert [id(p) for p in strategy.optimizer.param_groups[0]["params"]] == [id(model.bottleneck.values)]
     assert list(strategy.optimized_param_id) == ["bottleneck.values"]
+
+
+class StopAfterTwoIterations(SupervisedPlugin):
+    """Stops training after the second iteration of each experience, mid-epoch."""
+
+    dkvb_fast_path_exact = True
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.iterations = 0
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.iterations += 1
+        if self.iterations == 2:
+            strategy.stop_training()
+
+
+def test_stopping_mid_epoch_counts_only_the_batches_trained_on(make_model, init_data, toy_stream):
+    fast, slow = train_pair(lambda model: [StopAfterTwoIterations()], make_model, init_data, toy_stream)
+    assert fast.plugins[0].seen == [True] * 4  # Avalanche ends the experience after the stopped epoch
+    assert int(fast.model.bottleneck.usage_counts[0].sum()) == 4 * 2 * 16  # 4 experiences x 2 batches of 16
+    assert_same_training(fast, slow)
