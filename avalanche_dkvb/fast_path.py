@@ -170,8 +170,8 @@ class CachedExperienceBatches:
             for start in range(0, len(targets), self.batch_size):
                 batch = slice(start, start + self.batch_size)
                 self.current_rows = rows[:, batch]
-                consumed = min(start + self.batch_size, len(targets))
                 yield [inputs[batch], targets[batch], task_labels[batch]]
+                consumed = min(start + self.batch_size, len(targets))  # asked for more: this batch was trained on
         finally:  # the selections of the batches trained on, counted once per epoch (also if stopped early)
             counts = self.epoch_counts if consumed == len(targets) else self._counts(rows[:, :consumed])
             self.usage_counts.view(-1).add_(counts)
@@ -202,8 +202,9 @@ class RowsByContent:
         usage = self.model.bottleneck.usage_counts.view(-1)
         for mbatch in self.loader:
             self.current_rows = self.rows_of(mbatch[0]).T.contiguous()
-            usage.index_add_(0, self.current_rows.flatten(), torch.ones_like(self.current_rows.flatten()))
             yield mbatch
+            flat = self.current_rows.flatten()  # asked for more: this batch was trained on
+            usage.index_add_(0, flat, torch.ones_like(flat))
 
     def _words(self, x: torch.Tensor) -> torch.Tensor:
         """The inputs' bytes as int64 words: (b, ...) -> (b, W)."""

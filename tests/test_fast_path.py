@@ -341,8 +341,12 @@ class StopAfterTwoIterations(SupervisedPlugin):
             strategy.stop_training()
 
 
-def test_stopping_mid_epoch_counts_only_the_batches_trained_on(make_model, init_data, toy_stream):
-    fast, slow = train_pair(lambda model: [StopAfterTwoIterations()], make_model, init_data, toy_stream)
+@pytest.mark.parametrize("replay", [False, True], ids=["own_loader", "replay_loader"])
+def test_stopping_mid_epoch_counts_only_the_batches_trained_on(replay, make_model, init_data, toy_stream):
+    plugins = (lambda model: [StopAfterTwoIterations(), ReplayPlugin(mem_size=8)]) if replay else \
+        (lambda model: [StopAfterTwoIterations()])
+    fast, slow = train_pair(plugins, make_model, init_data, toy_stream)
     assert fast.plugins[0].seen == [True] * 4  # Avalanche ends the experience after the stopped epoch
-    assert int(fast.model.bottleneck.usage_counts[0].sum()) == 4 * 2 * 16  # 4 experiences x 2 batches of 16
+    batches = 16 + 3 * (16 + 8) if replay else 4 * 16  # 2 batches per experience; replay adds 8 per batch
+    assert int(fast.model.bottleneck.usage_counts[0].sum()) == 2 * batches
     assert_same_training(fast, slow)
