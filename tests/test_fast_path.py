@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.evaluation.metrics import accuracy_metrics, cpu_usage_metrics, loss_metrics, timing_metrics
 from avalanche.training import Naive, Replay
 from avalanche.training.plugins import EvaluationPlugin, GDumbPlugin, LRSchedulerPlugin, ReplayPlugin
 from torch import nn
@@ -124,7 +124,8 @@ def test_fast_path_equals_generic_path(mode, top_k, label_smoothing, make_model,
 def test_epoch_metrics_equal_the_generic_loop(make_model, init_data, toy_stream):
     """Epoch-level training accuracy and loss, and minibatch-level ones, are the generic loop's values."""
     def evaluator():
-        return EvaluationPlugin(accuracy_metrics(minibatch=True, epoch=True), loss_metrics(minibatch=True, epoch=True))
+        return EvaluationPlugin(accuracy_metrics(minibatch=True, epoch=True), loss_metrics(minibatch=True, epoch=True),
+                                timing_metrics(epoch=True), cpu_usage_metrics(epoch=True))
 
     fast_model = initialised(make_model(), init_data)
     slow_model = copy.deepcopy(fast_model)
@@ -142,6 +143,8 @@ def test_epoch_metrics_equal_the_generic_loop(make_model, init_data, toy_stream)
         assert len(fast_values) == len(slow_values) > 0, name
         tolerance = 1e-6 if "Acc" in name else 1e-4
         assert max(abs(a - b) for a, b in zip(fast_values, slow_values)) <= tolerance, name
+    assert all(v > 0 for v in fast_metrics["Time_Epoch/train_phase/train_stream/Task000"][1])
+    assert len(fast_metrics["CPUUsage_Epoch/train_phase/train_stream/Task000"][1]) == 12  # too short to be > 0 always
     accuracies = fast_metrics["Top1_Acc_Epoch/train_phase/train_stream/Task000"][1]
     assert max(accuracies) > 0.5 and min(fast_metrics["Loss_Epoch/train_phase/train_stream/Task000"][1]) > 0
 
