@@ -25,7 +25,7 @@ from avalanche_dkvb.validation import check_positive_int, check_seeds
 from benchmarks import cli, methods, real, toy2d
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import ResultsWriter, read_run_info
-from benchmarks.runner import make_evaluator, run_stream
+from benchmarks.runner import checkpoint_path, make_evaluator, run_stream
 
 
 PROG = "python -m benchmarks"
@@ -74,17 +74,23 @@ def run_toy2d(args: argparse.Namespace, writer: ResultsWriter) -> ResultsWriter:
             torch.manual_seed(seed)
             run_dir = args.out / "logs" / f"{method}_seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "log.txt", "w") as log_file:
+            checkpoint = checkpoint_path(args.out, method, seed)
+            resuming = args.resume and checkpoint.exists()
+            with open(run_dir / "log.txt", "a" if resuming else "w") as log_file:
                 evaluator = make_evaluator([TextLogger(log_file), CSVLogger(str(run_dir))])
                 strategy = toy2d.METHODS[method](evaluator, seed)
-                regions = []
+                carry = {"regions": []}  # decision regions after each experience, kept in the checkpoint
                 print(f"[toy2d] {method}, seed {seed}", flush=True)
                 result = run_stream(
                     strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
-                    after_experience=lambda i: regions.append(toy2d.predict_grid(strategy.model)))
-            toy2d.plot_decision_regions(method, seed, regions, benchmark,
+                    after_experience=lambda i: carry["regions"].append(
+                        torch.from_numpy(toy2d.predict_grid(strategy.model))),
+                    checkpoint=checkpoint, resume=args.resume,
+                    settings={"benchmark": "toy2d", "method": method, "seed": seed}, carry=carry)
+            toy2d.plot_decision_regions(method, seed, [r.numpy() for r in carry["regions"]], benchmark,
                                         args.out / f"decision_regions_{method}_seed{seed}.png")
             writer.add("toy2d", method, seed, result)
+            checkpoint.unlink(missing_ok=True)
     return writer
 
 

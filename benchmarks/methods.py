@@ -56,6 +56,8 @@ class MethodSettings:
 class GradientClipPlugin(SupervisedPlugin):
     """Clips the global gradient norm before every optimizer step."""
 
+    checkpoint_stateless = True  # nothing to save between experiences (avalanche_dkvb.checkpoint)
+
     def __init__(self, max_norm: float = 1.0):
         super().__init__()
         self.max_norm = max_norm

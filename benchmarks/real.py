@@ -22,7 +22,7 @@ from benchmarks import paths
 from benchmarks.methods import METHODS, MethodSettings
 from benchmarks.outputs import ResultsWriter
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices, plot_key_diagnostics
-from benchmarks.runner import make_evaluator, run_stream
+from benchmarks.runner import checkpoint_path, make_evaluator, run_stream
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,9 @@ def run_real(args) -> ResultsWriter:
             torch.manual_seed(seed)
             run_dir = args.out / "logs" / f"{method}_seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "log.txt", "w") as log_file:
+            checkpoint = checkpoint_path(args.out, method, seed)
+            resuming = args.resume and checkpoint.exists()
+            with open(run_dir / "log.txt", "a" if resuming else "w") as log_file:
                 csv_logger, tb_logger = CSVLogger(str(run_dir)), TensorboardLogger(run_dir / "tb")
                 method_settings = MethodSettings(
                     input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1, key_init_data=init_x,
@@ -175,10 +177,14 @@ def run_real(args) -> ResultsWriter:
                                            diagnostics=method.startswith("dkvb"))
                 strategy = METHODS[method](method_settings, evaluator)
                 print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)
-                result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True))
+                result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
+                                    checkpoint=checkpoint, resume=args.resume,
+                                    settings={"benchmark": args.benchmark, "method": method, "seed": seed,
+                                              **settings})
                 csv_logger.close()
                 tb_logger.writer.close()
             writer.add(args.benchmark, method, seed, result)
+            checkpoint.unlink(missing_ok=True)
             if "diagnostics" in result.extra:
                 plot_key_diagnostics(result.extra["diagnostics"], f"{method} (seed {seed})",
                                      args.out / f"key_diagnostics_{method}_seed{seed}.png")

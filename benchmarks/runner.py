@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
+from avalanche_dkvb.checkpoint import CheckpointError, checkpoint_refusal, load_training_state, save_training_state
 from avalanche_dkvb.metrics import (AccuracyMatrix, BottleneckDiagnostic, ClassBalancedAccuracy,
                                     SeenClassesAccuracy, dkvb_metrics, headline_metrics)
 
@@ -64,16 +66,51 @@ def _metric(strategy, kind):
     return next(m for m in strategy.evaluator.metrics if isinstance(m, kind))
 
 
+def checkpoint_path(out: Path, method: str, seed: int) -> Path:
+    """Where a (method, seed) run in ``out`` keeps its training state between experiences."""
+    return Path(out) / "checkpoints" / f"{method}_seed{seed}.pt"
+
+
 def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
-               after_experience: Callable[[int], None] | None = None) -> RunResult:
+               after_experience: Callable[[int], None] | None = None, checkpoint: Path | None = None,
+               resume: bool = False, settings: dict | None = None, carry: dict | None = None) -> RunResult:
     """Train ``strategy`` on each experience of ``benchmark.train_stream`` in order, evaluating on
-    the whole test stream after each; ``after_experience(i)`` runs after that evaluation."""
+    the whole test stream after each; ``after_experience(i)`` runs after that evaluation.
+
+    With ``checkpoint``, the training state (:mod:`avalanche_dkvb.checkpoint`), ``settings`` and
+    ``carry`` (plain data the caller keeps across experiences, updated in ``after_experience``) are
+    saved there after each experience; with ``resume`` and that file present, the run continues
+    after its last finished experience (``carry`` restored), refusing one saved with other
+    ``settings``. Without ``resume`` a file left there is deleted first. A strategy that cannot be
+    saved runs without checkpoints (a progress line says why). The caller deletes the file once the
+    result is stored."""
     test_stream = benchmark.test_stream
     num_exps = len(benchmark.train_stream)
     matrix = _metric(strategy, AccuracyMatrix)
     class_balanced, seen = _metric(strategy, ClassBalancedAccuracy), _metric(strategy, SeenClassesAccuracy)
-    train_seconds = 0.0
+    train_seconds, start_exp = 0.0, 0
+    settings = dict(settings or {}, experiences=num_exps)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        refusal = checkpoint_refusal(strategy)
+        if refusal is not None:
+            progress(f"no checkpoints: {refusal}")
+            checkpoint = None
+        elif resume and checkpoint.exists():
+            extra = load_training_state(checkpoint, strategy)
+            if extra.get("settings") != settings:
+                raise CheckpointError(f"{checkpoint}: saved with other settings ({extra.get('settings')}, now "
+                                      f"{settings}); delete it to start this run afresh.")
+            start_exp, train_seconds = int(extra["next_experience"]), float(extra["train_seconds"])
+            if carry is not None:
+                carry.clear()
+                carry.update(extra["carry"])
+            progress(f"resumed from {checkpoint} after experience {start_exp}/{num_exps}")
+        else:
+            checkpoint.unlink(missing_ok=True)
     for i, experience in enumerate(benchmark.train_stream):
+        if i < start_exp:
+            continue
         start = time.perf_counter()
         strategy.train(experience)
         train_seconds += time.perf_counter() - start
@@ -82,6 +119,9 @@ def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
                  f"(seen classes {seen.history[-1]:.3f}), training {train_seconds:.1f} s")
         if after_experience is not None:
             after_experience(i)
+        if checkpoint is not None and i + 1 < num_exps:
+            save_training_state(checkpoint, strategy, {"settings": settings, "next_experience": i + 1,
+                                                       "train_seconds": train_seconds, "carry": dict(carry or {})})
     diagnostics = {m.name: m.history for m in strategy.evaluator.metrics if isinstance(m, BottleneckDiagnostic)}
     return RunResult(np.array(matrix.rows), np.array(class_balanced.history), np.array(seen.history),
                      forgetting=matrix.forgetting(), bwt=matrix.bwt(), train_seconds=train_seconds,
