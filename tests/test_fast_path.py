@@ -353,3 +353,39 @@ def test_stopping_mid_epoch_counts_only_the_batches_trained_on(replay, make_mode
     batches = 16 + 3 * (16 + 8) if replay else 4 * 16  # 2 batches per experience; replay adds 8 per batch
     assert int(fast.model.bottleneck.usage_counts[0].sum()) == 2 * batches
     assert_same_training(fast, slow)
+
+
+def test_avalanche_eval_plugin_example_metrics_and_loggers_agree(make_model, init_data, toy_stream, tmp_path):
+    """The metric set of Avalanche's examples/eval_plugin.py with every logger attached: each curve on
+    the fast path equals the generic loop's (timings and system usage excepted), none is missing."""
+    import io
+
+    from avalanche.evaluation.metrics import (bwt_metrics, confusion_matrix_metrics, cpu_usage_metrics,
+                                              disk_usage_metrics, forgetting_metrics, ram_usage_metrics)
+    from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+
+    def evaluator(folder):
+        return EvaluationPlugin(
+            accuracy_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+            loss_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+            timing_metrics(epoch=True, epoch_running=True), cpu_usage_metrics(experience=True),
+            forgetting_metrics(experience=True, stream=True), bwt_metrics(stream=True),
+            confusion_matrix_metrics(num_classes=8, save_image=False, stream=True),
+            disk_usage_metrics(epoch=True), ram_usage_metrics(every=0.5, epoch=True),
+            loggers=[InteractiveLogger(), TextLogger(io.StringIO()), TensorboardLogger(folder), CSVLogger(folder)])
+
+    curves = {}
+    for fast_path in ("eager", "off"):
+        model = initialised(make_model(), init_data)
+        strategy = make_dkvb(model, evaluator(tmp_path / fast_path), fast_path, epochs=2)
+        for exp in toy_stream.train_stream:
+            strategy.train(exp, shuffle=False)
+            strategy.eval(toy_stream.test_stream)
+        curves[fast_path] = strategy.evaluator.get_all_metrics()
+    assert curves["eager"].keys() == curves["off"].keys()
+    compared = [name for name in curves["off"]
+                if not name.startswith(("Time", "RunningTime", "CPU", "Disk", "MaxRAM", "ConfusionMatrix"))]
+    assert len(compared) >= 15
+    for name in compared:
+        fast, slow = curves["eager"][name][1], curves["off"][name][1]
+        assert len(fast) == len(slow) and max(abs(a - b) for a, b in zip(fast, slow)) < 1e-5, name
