@@ -163,45 +163,55 @@ class StreamAccuracies(PluginMetric[dict]):
         return strategy.experience.origin_stream.name
 
 
-class ClassBalancedAccuracy(StreamAccuracies):
-    """Mean per-class accuracy over every class of the evaluated stream; ``history`` per evaluation."""
+class MeanClassAccuracy(StreamAccuracies):
+    """Mean of the per-class accuracies over :meth:`classes` of the evaluated stream, published as
+    ``<name>/eval_phase/<stream>`` after each evaluation; ``history`` holds every value."""
+
+    name = ""
 
     def __init__(self):
         super().__init__()
         self.history: list[float] = []
 
+    def classes(self, per_class: dict[int, float]) -> list[int]:
+        raise NotImplementedError
+
     def after_eval(self, strategy):
-        value = float(np.mean(list(self.per_class().values())))
+        per_class = self.per_class()
+        accuracies = [per_class[c] for c in self.classes(per_class)]
+        value = float(np.mean(accuracies)) if accuracies else float("nan")
         self.history.append(value)
-        return [MetricValue(self, f"ClassBalancedAcc/eval_phase/{self._stream(strategy)}", value,
+        return [MetricValue(self, f"{self.name}/eval_phase/{self._stream(strategy)}", value,
                             strategy.clock.train_exp_counter)]
 
     def __str__(self) -> str:
-        return "ClassBalancedAcc"
+        return self.name
 
 
-class SeenClassesAccuracy(StreamAccuracies):
+class ClassBalancedAccuracy(MeanClassAccuracy):
+    """Mean per-class accuracy over every class of the evaluated stream."""
+
+    name = "ClassBalancedAcc"
+
+    def classes(self, per_class):
+        return list(per_class)
+
+
+class SeenClassesAccuracy(MeanClassAccuracy):
     """Mean per-class accuracy over the classes trained on so far (``seen_classes``, collected from
-    the training experiences' labels); ``history`` per evaluation."""
+    the training experiences' labels)."""
+
+    name = "SeenClassesAcc"
 
     def __init__(self):
         super().__init__()
-        self.history: list[float] = []
         self.seen_classes: set[int] = set()
 
     def after_training_exp(self, strategy):
         self.seen_classes.update(int(c) for c in strategy.experience.classes_in_this_experience)
 
-    def after_eval(self, strategy):
-        per_class = self.per_class()
-        seen = [per_class[c] for c in sorted(self.seen_classes) if c in per_class]
-        value = float(np.mean(seen)) if seen else float("nan")
-        self.history.append(value)
-        return [MetricValue(self, f"SeenClassesAcc/eval_phase/{self._stream(strategy)}", value,
-                            strategy.clock.train_exp_counter)]
-
-    def __str__(self) -> str:
-        return "SeenClassesAcc"
+    def classes(self, per_class):
+        return [c for c in sorted(self.seen_classes) if c in per_class]
 
 
 class AccuracyMatrix(StreamAccuracies):
