@@ -5,11 +5,16 @@ probe and an MLP, and writes results.csv, accuracy_matrix.csv, summary.csv/.md a
 PNGs into ``--out``. ``--benchmark split_cifar10_jpeg`` (or split_cifar10, split_cifar100,
 split_tinyimagenet) runs a real-image benchmark on cached embeddings of a frozen encoder, with the
 methods of ``benchmarks/methods.py``, and also writes accuracy plots and Avalanche CSV/TensorBoard logs.
+
+Each (benchmark, method, seed) is a cell; ``--engine ray`` runs every cell as a Ray task
+(``benchmarks/engine.py``), with the same results as the default ``--engine local``. A cell that
+fails is reported and the others go on; ``--resume`` runs only the cells not yet in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -17,18 +22,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from avalanche.logging import CSVLogger, TextLogger
 
 from avalanche_dkvb.atomic_files import atomic_write_text
+from avalanche_dkvb.embeddings.cache import EmbeddingCache
+from avalanche_dkvb.embeddings.pipeline import cached_embeddings
 from avalanche_dkvb.validation import check_positive_int, check_seeds
-from benchmarks import cli, methods, real, toy2d
+from benchmarks import cli, engine, methods, paths, real, toy2d
+from benchmarks.engine import Failure
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import ResultsWriter, read_run_info
-from benchmarks.runner import checkpoint_path, make_evaluator, run_stream
-
+from benchmarks.plots import plot_accuracy_curves, plot_final_matrices, plot_key_diagnostics
+from benchmarks.runner import CachedArray, Cell, RunResult, checkpoint_path, run_cell
 
 PROG = "python -m benchmarks"
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def _csv_list(kind):
@@ -43,10 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"real: {','.join(methods.METHODS)}")
     parser.add_argument("--seeds", type=_csv_list(int), default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/BENCHMARK)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (of this process)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the strategies train and evaluate (default cpu; auto: cuda where there is one, "
+                             "with --engine ray where --gpus-per-cell > 0)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --out (same settings) and run only the missing ones")
     real.add_arguments(parser)
+    engine.add_arguments(parser)
     args = parser.parse_args(argv)
     available = toy2d.METHODS if args.benchmark == "toy2d" else methods.METHODS
     args.methods = args.methods or list(available)
@@ -54,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown method(s) {unknown} for {args.benchmark}; expected some of {sorted(available)}")
     args.out = args.out or Path("results") / args.benchmark
-    parser.check(lambda: check_positive_int("--threads", args.threads))
+    parser.check(lambda: check_positive_int("--threads", args.threads), lambda: engine.check_arguments(args),
+                 lambda: check_device(args))
     if args.benchmark == "toy2d":
         args.seeds = [0, 1, 2] if args.seeds is None else args.seeds
         parser.check(lambda: check_seeds("--seeds", args.seeds))
@@ -65,44 +79,144 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_toy2d(args: argparse.Namespace, writer: ResultsWriter) -> ResultsWriter:
-    for seed in args.seeds:
-        benchmark = toy2d.toy2d_benchmark(seed)
-        for method in args.methods:
-            if writer.done("toy2d", method, seed):
-                continue
-            torch.manual_seed(seed)
-            run_dir = args.out / "logs" / f"{method}_seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint = checkpoint_path(args.out, method, seed)
-            resuming = args.resume and checkpoint.exists()
-            with open(run_dir / "log.txt", "a" if resuming else "w") as log_file:
-                evaluator = make_evaluator([TextLogger(log_file), CSVLogger(str(run_dir))])
-                strategy = toy2d.METHODS[method](evaluator, seed)
-                carry = {"regions": []}  # decision regions after each experience, kept in the checkpoint
-                print(f"[toy2d] {method}, seed {seed}", flush=True)
-                result = run_stream(
-                    strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
-                    after_experience=lambda i: carry["regions"].append(
-                        torch.from_numpy(toy2d.predict_grid(strategy.model))),
-                    checkpoint=checkpoint, resume=args.resume,
-                    settings={"benchmark": "toy2d", "method": method, "seed": seed}, carry=carry)
-            toy2d.plot_decision_regions(method, seed, [r.numpy() for r in carry["regions"]], benchmark,
-                                        args.out / f"decision_regions_{method}_seed{seed}.png")
-            writer.add("toy2d", method, seed, result)
-            checkpoint.unlink(missing_ok=True)
-    return writer
+def check_device(args: argparse.Namespace) -> None:
+    """Resolve ``--device auto`` and refuse a device the run cannot use (ValueError), before any work."""
+    ray = args.engine == "ray"
+    if args.device == "auto":
+        cuda = args.gpus_per_cell > 0 if ray else torch.cuda.is_available()
+        args.device = "cuda" if cuda and args.benchmark != "toy2d" else "cpu"
+    if args.device == "cuda" and args.benchmark == "toy2d":
+        raise ValueError("--device cuda applies to the real-image benchmarks; the 2D main job runs on the CPU.")
+    if ray and (args.device == "cuda") != (args.gpus_per_cell > 0):
+        raise ValueError("--device cuda with --engine ray needs --gpus-per-cell > 0 (the GPU share Ray gives each "
+                         "cell), and --gpus-per-cell > 0 needs --device cuda or auto; got --device "
+                         f"{args.device}, --gpus-per-cell {args.gpus_per_cell:g}.")
+    if not ray and args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto.")
 
 
-def write_run_info(out: Path, threads: int, command: str, seconds: float, status: str,
-                   error: str | None = None) -> None:
-    """``run.json``: the command, wall-clock time and status ("running" until the run finishes;
-    "finished", "interrupted", or "failed" with the ``error``)."""
+class Job:
+    """One run of ``python -m benchmarks`` in its held ``--out``: its cells in table order (seeds, then
+    methods), those not finished yet, and the commit of each finished cell into the results, tables
+    and plots there."""
+
+    def __init__(self, args: argparse.Namespace, writer: ResultsWriter) -> None:
+        self.args, self.writer = args, writer
+        settings = {} if args.benchmark == "toy2d" else real.resolve(args)
+        seeds = args.seeds if args.benchmark == "toy2d" else settings.pop("seeds")
+        self.settings = settings
+        self.cells = [Cell(args.benchmark, method, seed, args.out, settings, args.device)
+                      for seed in seeds for method in args.methods]
+        writer.order = {cell.key: i for i, cell in enumerate(self.cells)}
+        self.todo = [cell for cell in self.cells if not writer.done(*cell.key)]
+
+    @property
+    def finished(self) -> bool:
+        return all(self.writer.done(*cell.key) for cell in self.cells)
+
+    @property
+    def data_key(self) -> tuple | None:
+        """What identifies the embeddings the cells share (None: toy2d makes its own data)."""
+        if self.args.benchmark == "toy2d":
+            return None
+        names = ("encoder", "weights", "image_size", "image_set", "key_init_set", "train_per_class",
+                 "test_per_class", "key_init_per_class")
+        return (*(self.settings[name] for name in names), str(self.args.data_root), str(self.args.cache_root),
+                self.args.engine == "ray" and self.args.embeddings_via == "cache")
+
+    def load_data(self) -> dict | None:
+        """The embeddings every cell uses, computed or read from the cache once, before the fan-out:
+        arrays, or with ``--embeddings-via cache`` the cache files the workers read themselves."""
+        if self.args.benchmark == "toy2d":
+            return None
+        s = self.settings
+        entries = {"train": _embeddings(self.args, s["image_set"], "train", s["train_per_class"]),
+                   "test": _embeddings(self.args, s["image_set"], "test", s["test_per_class"]),
+                   "init": _embeddings(self.args, s["key_init_set"], "train", s["key_init_per_class"])}
+        print(f"[{self.args.benchmark}] train {entries['train'].embeddings.shape}, test "
+              f"{entries['test'].embeddings.shape}, key init {entries['init'].embeddings.shape} "
+              f"({s['key_init_set']})", flush=True)
+        if self.data_key[-1]:
+            cache = EmbeddingCache(self.args.cache_root)
+            files = {name: cache.paths(entry.fingerprint) for name, entry in entries.items()}
+            return {"train_x": CachedArray(files["train"]["embeddings"]), "train_y": CachedArray(files["train"]["labels"]),
+                    "test_x": CachedArray(files["test"]["embeddings"]), "test_y": CachedArray(files["test"]["labels"]),
+                    "init_x": CachedArray(files["init"]["embeddings"])}
+        return {"train_x": np.asarray(entries["train"].embeddings), "train_y": entries["train"].labels,
+                "test_x": np.asarray(entries["test"].embeddings), "test_y": entries["test"].labels,
+                "init_x": np.asarray(entries["init"].embeddings)}
+
+    def clear_stale_checkpoints(self) -> None:
+        """Without ``--resume``, the checkpoints an earlier run left for the cells to run are dropped
+        (a cell continues only its own attempts' checkpoints: a retry after its worker died)."""
+        if not self.args.resume:
+            for cell in self.todo:
+                checkpoint_path(cell.out, cell.method, cell.seed).unlink(missing_ok=True)
+
+    def commit(self, cell: Cell, result: RunResult) -> None:
+        """Store a finished cell (replacing any earlier result of it) and draw its plots."""
+        out = self.args.out
+        self.writer.add(*cell.key, result)
+        checkpoint_path(out, cell.method, cell.seed).unlink(missing_ok=True)
+        if cell.benchmark == "toy2d":
+            toy2d.plot_decision_regions(cell.method, cell.seed, result.extra["regions"],
+                                        toy2d.toy2d_benchmark(cell.seed),
+                                        out / f"decision_regions_{cell.method}_seed{cell.seed}.png")
+            return
+        if "diagnostics" in result.extra:
+            plot_key_diagnostics(result.extra["diagnostics"], f"{cell.method} (seed {cell.seed})",
+                                 out / f"key_diagnostics_{cell.method}_seed{cell.seed}.png")
+        plot_accuracy_curves(self.writer, out / "accuracy_curves.png")
+        plot_final_matrices(self.writer, out / "final_accuracy_matrices.png")
+
+
+def _embeddings(args: argparse.Namespace, image_set: str, split: str, per_class: int | None):
+    return cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
+                             data_root=args.data_root, cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
+                             download=args.download, image_size=args.image_size, per_class=per_class)
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Failure]:
+    """Run the unfinished cells of every job on ``args``' engine, each distinct set of embeddings
+    loaded once before the fan-out, and commit each finished cell to its job; the failed cells."""
+    shared, cells = {}, []
+    for job in jobs:
+        skipped = len(job.cells) - len(job.todo)
+        if skipped:
+            print(f"[{job.args.benchmark}] {skipped} of {len(job.cells)} cells already in {job.args.out}, skipped",
+                  flush=True)
+        if job.todo and job.data_key not in shared:
+            shared[job.data_key] = job.load_data()
+        job.clear_stale_checkpoints()
+        cells += [(cell, job.data_key) for cell in job.todo]
+    by_out = {job.args.out: job for job in jobs}
+    return engine.run_cells(run_cell, cells, shared, lambda cell, result: by_out[cell.out].commit(cell, result), args)
+
+
+def engine_info(args: argparse.Namespace) -> dict:
+    """The engine settings run.json records."""
+    if args.engine == "local":
+        return {"engine": "local", "device": args.device}
+    return {"engine": "ray", "ray_address": args.ray_address or "local instance", "cpus_per_cell": args.cpus_per_cell,
+            "gpus_per_cell": args.gpus_per_cell, "cell_threads": engine.cell_threads(args.cpus_per_cell),
+            "embeddings_via": args.embeddings_via, "device": args.device}
+
+
+def write_run_info(out: Path, args: argparse.Namespace, command: str, seconds: float, status: str,
+                   error: str | None = None, failures: list[Failure] = ()) -> None:
+    """``run.json``: the command, engine, wall-clock time and status ("running" until the run
+    finishes; "finished", "interrupted", or "failed" with the ``error`` and the failed cells)."""
     atomic_write_text(out / "run.json", json.dumps(
         {"command": command, "status": status, "wall_clock_seconds": round(seconds, 1),
-         "torch_threads": threads, "torch": torch.__version__,
-         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **({"error": error} if error else {})},
+         "torch_threads": args.threads, **engine_info(args), "torch": torch.__version__,
+         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **({"error": error} if error else {}),
+         **({"failed_cells": [{"cell": str(f.cell), "error": f.error} for f in failures]} if failures else {})},
         indent=2))
+
+
+def failure_message(failures: list[Failure], total: int) -> str:
+    return f"{len(failures)} of {total} cells failed: " + "; ".join(f"{f.cell} ({f.error})" for f in failures)
 
 
 def open_results(args: argparse.Namespace) -> ResultsWriter:
@@ -115,14 +229,29 @@ def open_results(args: argparse.Namespace) -> ResultsWriter:
     return real.open_results(args, real.resolve(args))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup_process(args: argparse.Namespace) -> None:
+    """Torch threads, the progress logging and the warnings every command line of the benchmarks shows."""
     torch.set_num_threads(args.threads)
     logging.basicConfig(format="  %(message)s")
     logging.getLogger("avalanche_dkvb").setLevel(logging.INFO)  # key-initialisation progress
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
     cli.hide_avalanche_deprecations()
-    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within the block, ``kill`` (SIGTERM) stops the run like Ctrl-C (KeyboardInterrupt)."""
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_process(args)
+    command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     lock = FolderLock(args.out, command)
     try:
         lock.acquire()
@@ -144,29 +273,36 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace, command: str, writer: ResultsWriter) -> int:
     """Run the job in the held ``--out``, keeping run.json's status true however it ends."""
     start = time.perf_counter()
-    write_run_info(args.out, args.threads, command, 0.0, "running")
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
+    write_run_info(args.out, args, command, 0.0, "running")
     try:
-        # run_real opens its own writer (the same files and checks as ``writer``)
-        writer = run_toy2d(args, writer) if args.benchmark == "toy2d" else real.run_real(args)
+        with sigterm_interrupts():
+            job = Job(args, writer)
+            failures = run_jobs([job], args)
     except KeyboardInterrupt:
-        write_run_info(args.out, args.threads, command, time.perf_counter() - start, "interrupted")
+        write_run_info(args.out, args, command, time.perf_counter() - start, "interrupted")
         print(f"Interrupted: the finished runs are in {args.out}; --resume continues from them.", file=sys.stderr)
         return 130
     except Exception as error:
-        write_run_info(args.out, args.threads, command, time.perf_counter() - start, "failed",
+        write_run_info(args.out, args, command, time.perf_counter() - start, "failed",
                        error=f"{type(error).__name__}: {error}")
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - start
-    write_run_info(args.out, args.threads, command, seconds, "finished")
+    if failures:
+        write_run_info(args.out, args, command, seconds, "failed", error=failure_message(failures, len(job.todo)),
+                       failures=failures)
+    else:
+        write_run_info(args.out, args, command, seconds, "finished")
     print()
-    print(writer.results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print()
-    print((args.out / "summary.md").read_text())
-    print(f"Wrote results.csv, accuracy_matrix.csv, summary.csv, summary.md, run.json and plots to {args.out} "
-          f"in {seconds:.1f} s.")
+    if writer.rows:
+        print(writer.results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print()
+        print((args.out / "summary.md").read_text())
+        print(f"Wrote results.csv, accuracy_matrix.csv, summary.csv, summary.md, run.json and plots to {args.out} "
+              f"in {seconds:.1f} s.")
+    if failures:
+        print(f"{PROG}: {failure_message(failures, len(job.todo))}. The finished cells are in {args.out}; "
+              f"--resume runs the others again.", file=sys.stderr)
+        return cli.RUN_ERROR
     return 0
 
 

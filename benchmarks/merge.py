@@ -19,7 +19,7 @@ import pandas as pd
 from avalanche_dkvb.atomic_files import atomic_write_text
 from benchmarks import cli
 from benchmarks.folder_lock import FolderBusy, FolderLock
-from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info
+from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info, run_key
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
 
 PROG = "python -m benchmarks.merge"
@@ -54,17 +54,13 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
     return writer
 
 
-def _key(row: dict) -> tuple:
-    return row["benchmark"], row["method"], int(row["seed"])
-
-
 def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list[dict]]:
     """Every run's result and matrix rows, each (benchmark, method, seed) from one run: the only one,
     or with ``replace`` the last one, kept at the place where it first appeared."""
     owner, order, overlaps = {}, [], []
     for i, run in enumerate(runs):
         for row in run.rows:
-            key = _key(row)
+            key = run_key(row)
             if key in owner:
                 overlaps.append(key)
             else:
@@ -73,12 +69,12 @@ def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list
     if overlaps and not replace:
         raise ValueError(f"The runs overlap; each (benchmark, method, seed) must come from one run, or pass "
                          f"--replace to let later runs supersede earlier ones: {sorted(set(overlaps))}")
-    rows = {(i, _key(row)): row for i, run in enumerate(runs) for row in run.rows}
+    rows = {(i, run_key(row)): row for i, run in enumerate(runs) for row in run.rows}
     matrices = {key: [] for key in order}
     for i, run in enumerate(runs):
         for row in run.matrix_rows:
-            if owner[_key(row)] == i:
-                matrices[_key(row)].append(row)
+            if owner[run_key(row)] == i:
+                matrices[run_key(row)].append(row)
     return [rows[owner[key], key] for key in order], [row for key in order for row in matrices[key]]
 
 

@@ -30,13 +30,18 @@ class ResultsWriter:
     empty on the others. With ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done`
     reports them), after checking that their files are sound (:func:`load_results`) and that they
     were made with the same ``context`` settings; ValueError otherwise, naming the file.
+
+    A run added again replaces its rows (never two rows of one run); ``order`` lists the
+    (benchmark, method, seed) runs in the order the tables keep them, whatever order they finish in
+    (runs not listed come after, as added).
     """
 
     def __init__(self, out_dir: Path, context: dict | None = None, resume: bool = False,
-                 applies_to: dict[str, set[str]] | None = None):
+                 applies_to: dict[str, set[str]] | None = None, order: list[tuple[str, str, int]] | None = None):
         self.out_dir = Path(out_dir)
         self.context = dict(context or {})  # extra columns, e.g. encoder and benchmark settings
         self.applies_to = dict(applies_to or {})
+        self.order = {key: i for i, key in enumerate(order or [])}
         self.rows: list[dict] = []
         self.matrix_rows: list[dict] = []
         if resume and (self.out_dir / "results.csv").exists():
@@ -61,15 +66,21 @@ class ResultsWriter:
         self.matrix_rows = matrices.to_dict("records")
 
     def done(self, benchmark: str, method: str, seed: int) -> bool:
-        return any((r["benchmark"], r["method"], int(r["seed"])) == (benchmark, method, seed) for r in self.rows)
+        return any(run_key(r) == (benchmark, method, seed) for r in self.rows)
 
     def add(self, benchmark: str, method: str, seed: int, result) -> None:
+        key = (benchmark, method, seed)
+        self.rows = [r for r in self.rows if run_key(r) != key]
+        self.matrix_rows = [r for r in self.matrix_rows if run_key(r) != key]
         self.rows.append({"benchmark": benchmark, "method": method, "seed": seed, **result.summary(),
                           **{k: v for k, v in self.context.items() if self._applies(k, method)}})
         for i, row in enumerate(result.accuracy_matrix):
             for j, accuracy in enumerate(row):
                 self.matrix_rows.append({"benchmark": benchmark, "method": method, "seed": seed,
                                          "after_experience": i, "on_experience": j, "accuracy": accuracy})
+        position = lambda row: self.order.get(run_key(row), len(self.order))  # noqa: E731; sort is stable
+        self.rows.sort(key=position)
+        self.matrix_rows.sort(key=position)
         self.write()
 
     @property
@@ -86,6 +97,10 @@ class ResultsWriter:
 
 
 KEY = ["benchmark", "method", "seed"]
+
+
+def run_key(row: dict) -> tuple[str, str, int]:
+    return row["benchmark"], row["method"], int(row["seed"])
 MATRIX_COLUMNS = KEY + ["after_experience", "on_experience", "accuracy"]
 
 

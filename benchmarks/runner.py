@@ -1,4 +1,5 @@
-"""Runs one strategy over one class-incremental benchmark and collects its results.
+"""Runs one strategy over one class-incremental benchmark and collects its results; :func:`run_cell`
+runs one cell of a job (one benchmark, method, seed and settings) wherever an engine puts it.
 
 After every training experience the strategy is evaluated on the whole test stream through an
 Avalanche ``EvaluationPlugin``. The headline numbers are ``avalanche_dkvb.metrics`` plugin metrics, so
@@ -9,18 +10,24 @@ accuracies), the same over the classes seen so far, forgetting and BWT (from the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_dkvb.checkpoint import CheckpointError, checkpoint_refusal, load_training_state, save_training_state
+from avalanche_dkvb.data import make_class_incremental_benchmark
 from avalanche_dkvb.metrics import (AccuracyMatrix, BottleneckDiagnostic, ClassBalancedAccuracy,
                                     SeenClassesAccuracy, dkvb_metrics, headline_metrics)
+from benchmarks import toy2d
+from benchmarks.methods import METHODS, MethodSettings
 
 
 def make_evaluator(loggers: list, diagnostics: bool = False) -> EvaluationPlugin:
@@ -126,3 +133,86 @@ def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
     return RunResult(np.array(matrix.rows), np.array(class_balanced.history), np.array(seen.history),
                      forgetting=matrix.forgetting(), bwt=matrix.bwt(), train_seconds=train_seconds,
                      extra={"diagnostics": diagnostics} if diagnostics else {})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (benchmark, method, seed) run of a job, as the worker that runs it needs it: the job's
+    output folder ``out`` (logs and checkpoint go there), the resolved ``settings`` of a real-image
+    run (:func:`benchmarks.real.resolve` without the seeds; empty for toy2d) and the ``device``."""
+
+    benchmark: str
+    method: str
+    seed: int
+    out: Path
+    settings: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.benchmark, self.method, self.seed
+
+    def __str__(self) -> str:
+        return f"{self.benchmark} {self.method} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class CachedArray:
+    """An embeddings or labels ``.npy`` file of the embedding cache, read by the worker itself
+    (``--embeddings-via cache``)."""
+
+    path: Path
+
+    def load(self) -> np.ndarray:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} is not on this node; --embeddings-via cache needs --cache-root "
+                                    f"on a filesystem shared by the driver and every worker node.")
+        return np.load(self.path, mmap_mode="r")
+
+
+def _tensor(array) -> torch.Tensor:
+    """A writable tensor copy of an array, a read-only object-store array or a :class:`CachedArray`."""
+    return torch.from_numpy(np.array(array.load() if isinstance(array, CachedArray) else array))
+
+
+def run_cell(cell: Cell, data: dict | None) -> RunResult:
+    """Run ``cell`` in this process and return its result; toy2d's decision regions after each
+    experience are in ``result.extra["regions"]``. A checkpoint of the cell in ``cell.out`` (left by
+    an interrupted or killed attempt) is continued; the caller removes stale ones. ``data``: for a
+    real-image cell, the embeddings as ``train_x, train_y, test_x, test_y, init_x`` arrays (N, D) and
+    (N,) (or :class:`CachedArray` files); None for toy2d."""
+    run_dir = cell.out / "logs" / f"{cell.method}_seed{cell.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint_path(cell.out, cell.method, cell.seed)
+    with open(run_dir / "log.txt", "a" if checkpoint.exists() else "w") as log_file:
+        loggers = [TextLogger(log_file), CSVLogger(str(run_dir))]
+        carry, after_experience = None, None
+        if cell.benchmark == "toy2d":
+            benchmark = toy2d.toy2d_benchmark(cell.seed)
+            torch.manual_seed(cell.seed)
+            strategy = toy2d.METHODS[cell.method](make_evaluator(loggers), cell.seed)
+            carry = {"regions": []}  # decision regions after each experience, kept in the checkpoint
+            after_experience = lambda i: carry["regions"].append(torch.from_numpy(toy2d.predict_grid(strategy.model)))  # noqa: E731
+        else:
+            loggers.append(TensorboardLogger(run_dir / "tb"))
+            train_x, train_y, test_x, test_y, init_x = (_tensor(data[name]) for name in
+                                                        ("train_x", "train_y", "test_x", "test_y", "init_x"))
+            benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y,
+                                                         cell.settings["experiences"], seed=cell.seed)
+            torch.manual_seed(cell.seed)
+            options = {f.name: cell.settings[f.name] for f in dataclasses.fields(MethodSettings)
+                       if cell.settings.get(f.name) is not None}  # epochs, memory, strengths, ...
+            method_settings = MethodSettings(input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1,
+                                             key_init_data=init_x, device=cell.device, **options)
+            strategy = METHODS[cell.method](method_settings, make_evaluator(loggers, diagnostics=cell.method.startswith("dkvb")))
+        print(f"[{cell.benchmark}] {cell.method}, seed {cell.seed}", flush=True)
+        result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
+                            after_experience=after_experience, checkpoint=checkpoint, resume=True,
+                            settings={"benchmark": cell.benchmark, "method": cell.method, "seed": cell.seed,
+                                      **cell.settings}, carry=carry)
+        loggers[1].close()  # the CSV files
+        if len(loggers) > 2:
+            loggers[2].writer.close()  # the TensorBoard events
+    if carry is not None:
+        result.extra["regions"] = [region.numpy() for region in carry["regions"]]
+    return result

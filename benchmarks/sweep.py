@@ -2,8 +2,9 @@
 ``python -m benchmarks.sweep --out DIR --ewc-lambda 1e3,1e4 [--lwf-alpha ...] [--si-lambda ...] BENCHMARK ARGS``.
 
 Each (method, strength) is one ``python -m benchmarks`` run with the remaining arguments, in
-``DIR/<method>_<strength>/`` and with ``--resume`` (an interrupted sweep keeps its finished runs). The
-sweep then writes ``DIR/results.csv`` (every run's rows, with a ``strength`` column such as
+``DIR/<method>_<strength>/`` and with ``--resume`` (an interrupted sweep keeps its finished runs).
+The cells of all of them (method, strength, seed) run on one engine: ``--engine ray`` fans them all
+out at once, the embeddings loaded once for the whole sweep. The sweep then writes ``DIR/results.csv`` (every run's rows, with a ``strength`` column such as
 ``ewc_lambda=1e3``), ``DIR/summary.csv``/``summary.md`` (mean ± std over seeds per method and strength)
 and ``DIR/run.json``. Strengths are chosen on the test stream here, so the best row is an optimistic
 estimate of what a tuned method reaches, not a tuned result.
@@ -12,6 +13,7 @@ estimate of what a tuned method reaches, not a tuned result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ import pandas as pd
 from avalanche_dkvb.atomic_files import atomic_write_text
 from avalanche_dkvb.validation import check_non_negative_float
 from benchmarks import cli
-from benchmarks.__main__ import main as run_benchmark, parse_args as parse_benchmark_args, write_run_info
+from benchmarks.__main__ import (PROG as BENCHMARK_PROG, Job, failure_message, open_results, run_jobs, setup_process,
+                                 sigterm_interrupts, write_run_info)
+from benchmarks.__main__ import parse_args as parse_benchmark_args
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import summarise, to_markdown
 from benchmarks.real import STRENGTHS
@@ -61,41 +65,81 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     if not swept:
         parser.error(f"nothing to sweep: give at least one of {[_flag(name) for name in STRENGTHS]}")
     # The benchmark arguments are checked once, before any run: unknown options, a benchmark without these methods.
-    args.threads = parse_benchmark_args([*benchmark_args, "--methods", ",".join(swept)]).threads
+    args.settings = parse_benchmark_args([*benchmark_args, "--methods", ",".join(swept)])  # threads, engine, ...
     return args, benchmark_args
+
+
+def runs(args: argparse.Namespace, benchmark_args: list[str]) -> list[tuple[str, str, Path, list[str]]]:
+    """Each (strength, value) of the sweep: its name, value, folder and ``python -m benchmarks`` arguments."""
+    return [(name, value, args.out / f"{method}_{value}",
+             [*benchmark_args, "--methods", method, _flag(name), value, "--out", str(args.out / f"{method}_{value}"),
+              "--resume"])
+            for name, method in STRENGTHS.items() for value in getattr(args, name)]
 
 
 def main(argv=None) -> int:
     args, benchmark_args = parse_args(argv)
+    setup_process(args.settings)
     command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
-    try:
-        with FolderLock(args.out, command):
-            return _sweep(args, benchmark_args, command)
-    except FolderBusy as error:
-        return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(FolderLock(args.out, command))
+            jobs = []
+            for _, _, run_dir, run_argv in runs(args, benchmark_args):
+                run_args = parse_benchmark_args(run_argv)
+                held.enter_context(FolderLock(run_dir, " ".join([BENCHMARK_PROG, *run_argv])))
+                jobs.append(Job(run_args, open_results(run_args)))  # a refused resume has written nothing
+        except (FolderBusy, ValueError, OSError) as error:
+            return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
+        try:
+            return _sweep(args, benchmark_args, command, jobs)
+        except Exception as error:
+            return cli.report(PROG, error, args.debug, cli.RUN_ERROR)
 
 
-def _sweep(args: argparse.Namespace, benchmark_args: list[str], command: str) -> int:
+def _sweep(args: argparse.Namespace, benchmark_args: list[str], command: str, jobs: list[Job]) -> int:
+    """Run every job's cells on one engine, keeping each run.json true, then tabulate the sweep."""
     start = time.perf_counter()
-    write_run_info(args.out, args.threads, command, 0.0, "running")
-    frames = []
-    for name, method in STRENGTHS.items():
-        for value in getattr(args, name):
-            run_dir = args.out / f"{method}_{value}"
-            status = run_benchmark([*benchmark_args, "--methods", method, _flag(name), value,
-                                    "--out", str(run_dir), "--resume"])
-            if status != 0:
-                write_run_info(args.out, args.threads, command, time.perf_counter() - start,
-                               "interrupted" if status == 130 else "failed",
-                               error=None if status == 130 else f"the run in {run_dir} ended with status {status}")
-                return status
-            frames.append(pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}"))
+    commands = {job.args.out: " ".join([BENCHMARK_PROG, *run_argv]) for job, (*_, run_argv) in
+                zip(jobs, runs(args, benchmark_args))}
+
+    def record(status: str, error: str | None = None, failures=()) -> None:
+        seconds = time.perf_counter() - start
+        write_run_info(args.out, args.settings, command, seconds, status, error=error, failures=failures)
+        for job in jobs:
+            mine = [f for f in failures if f.cell.out == job.args.out]
+            if mine:
+                write_run_info(job.args.out, job.args, commands[job.args.out], seconds, "failed",
+                               error=failure_message(mine, len(job.todo)), failures=mine)
+            else:
+                write_run_info(job.args.out, job.args, commands[job.args.out], seconds,
+                               "finished" if status != "running" and job.finished else status, error=error)
+
+    record("running")
+    try:
+        with sigterm_interrupts():
+            failures = run_jobs(jobs, args.settings)
+    except KeyboardInterrupt:
+        record("interrupted")
+        print(f"Interrupted: the finished runs are in {args.out}; running the sweep again continues from them.",
+              file=sys.stderr)
+        return 130
+    except Exception as error:
+        record("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    if failures:
+        message = failure_message(failures, sum(len(job.todo) for job in jobs))
+        record("failed", error=message, failures=failures)
+        print(f"{PROG}: {message}. Running the sweep again runs only the missing cells.", file=sys.stderr)
+        return cli.RUN_ERROR
+    frames = [pd.read_csv(run_dir / "results.csv").assign(strength=f"{name}={value}")
+              for name, value, run_dir, _ in runs(args, benchmark_args)]
     results = pd.concat(frames, ignore_index=True)
     summary = summarise(results, keys=("benchmark", "method", "strength"))
     atomic_write_text(args.out / "results.csv", results.to_csv(index=False))
     atomic_write_text(args.out / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(args.out / "summary.md", to_markdown(summary))
-    write_run_info(args.out, args.threads, command, time.perf_counter() - start, "finished")
+    record("finished")
     print((args.out / "summary.md").read_text())
     return 0
 
