@@ -125,17 +125,18 @@ def run_cells(work: Callable[[Any, Any], Any], cells: Sequence[tuple[Any, Hashab
 
 def _run_local(work, cells, shared, commit, progress: Progress) -> list[Failure]:
     failures = []
-    for cell, data_key in cells:
+    for index, (cell, data_key) in enumerate(cells):
+        running = int(index + 1 < len(cells))  # the next cell, started right after this line
         try:
             result = work(cell, shared[data_key])
         except Exception as error:  # the cell's own failure; KeyboardInterrupt stops the job
             failures.append(Failure(cell, _error_text(error)))
             progress.failed += 1
-            progress.report(0, f"{cell} failed: {failures[-1].error}")
+            progress.report(running, f"{cell} failed: {failures[-1].error}")
             continue
         commit(cell, result)
         progress.finished += 1
-        progress.report(0, f"{cell} finished")
+        progress.report(running, f"{cell} finished")
     return failures
 
 
