@@ -87,10 +87,12 @@ def check_device(args: argparse.Namespace) -> None:
         args.device = "cuda" if cuda and args.benchmark != "toy2d" else "cpu"
     if args.device == "cuda" and args.benchmark == "toy2d":
         raise ValueError("--device cuda applies to the real-image benchmarks; the 2D main job runs on the CPU.")
-    if ray and (args.device == "cuda") != (args.gpus_per_cell > 0):
+    if ray and args.device == "cuda" and not args.gpus_per_cell > 0:
         raise ValueError("--device cuda with --engine ray needs --gpus-per-cell > 0 (the GPU share Ray gives each "
-                         "cell), and --gpus-per-cell > 0 needs --device cuda or auto; got --device "
-                         f"{args.device}, --gpus-per-cell {args.gpus_per_cell:g}.")
+                         "cell).")
+    if ray and args.device == "cpu" and args.gpus_per_cell > 0:
+        raise ValueError(f"--gpus-per-cell {args.gpus_per_cell:g} reserves GPUs that --device cpu leaves unused; "
+                         f"give --device cuda (or auto) or --gpus-per-cell 0.")
     if not ray and args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
                          "use --device cpu or auto.")

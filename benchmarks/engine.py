@@ -56,7 +56,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.engine != "ray":
         given = [f"--{name.replace('_', '-')}" for name in RAY_FLAGS if getattr(args, name) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to --engine ray only, not to --engine {args.engine}.")
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --engine ray only, "
+                             f"not to --engine {args.engine}.")
         return
     import importlib.util
     if importlib.util.find_spec("ray") is None:
@@ -154,15 +155,19 @@ def _run_ray(work, cells, shared, commit, progress: Progress, args) -> list[Fail
         ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False,
                  logging_level="WARNING", configure_logging=True)
     try:
+        resources = ray.cluster_resources()
+        slots = math.floor(resources.get("CPU", 0) / args.cpus_per_cell + 1e-9)  # cells at once
+        if args.gpus_per_cell > 0:
+            slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_cell + 1e-9))
+        if slots < 1:
+            raise ValueError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
+                             f"GPUs, less than one cell's --cpus-per-cell {args.cpus_per_cell:g} --gpus-per-cell "
+                             f"{args.gpus_per_cell:g}; no cell could ever start.")
         task = ray.remote(_ray_task).options(num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell,
                                              max_retries=RETRIES, retry_exceptions=False)
         refs = {key: ray.put(value) for key, value in shared.items()}  # once, before the fan-out
         threads = cell_threads(args.cpus_per_cell)
         pending = {task.remote(work, cell, refs[data_key], threads): cell for cell, data_key in cells}
-        resources = ray.cluster_resources()
-        slots = math.floor(resources.get("CPU", 0) / args.cpus_per_cell + 1e-9)
-        if args.gpus_per_cell > 0:
-            slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_cell + 1e-9))
         failures = []
         try:
             while pending:
@@ -179,10 +184,10 @@ def _run_ray(work, cells, shared, commit, progress: Progress, args) -> list[Fail
                 else:
                     commit(cell, result)
                     progress.finished += 1
-                    progress.report(min(len(pending), max(slots, 1)), f"{cell} finished")
+                    progress.report(min(len(pending), slots), f"{cell} finished")
                     continue
                 progress.failed += 1
-                progress.report(min(len(pending), max(slots, 1)), f"{cell} failed: {failures[-1].error}")
+                progress.report(min(len(pending), slots), f"{cell} failed: {failures[-1].error}")
         except BaseException:  # Ctrl-C, SIGTERM or a failed commit: stop the cells still queued or running
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -106,3 +106,32 @@ def test_sweep_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_sweep_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_trains_and_evaluates_every_kind_of_method_on_the_gpu(tmp_path, monkeypatch):
+    """--device cuda reaches the strategies (each model ends on the GPU) and the run finishes."""
+    _write_cifar10_jpeg_tree(tmp_path / "data", per_class=2)
+    devices = {}
+
+    def on(name):
+        factory = methods.METHODS[name]
+
+        def spy(settings, evaluator):
+            strategy = factory(settings, evaluator)
+            devices[name] = (settings.device, strategy)
+            return strategy
+        return spy
+
+    for name in ("dkvb", "linear", "ncm", "slda"):
+        monkeypatch.setitem(methods.METHODS, name, on(name))
+    argv = ["--benchmark", "split_cifar10_jpeg", "--quick", "--epochs", "2", "--weights", "none",
+            "--image-size", "32", "--key-init-set", "cifar10_jpeg", "--data-root", str(tmp_path / "data"),
+            "--cache-root", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--threads", "1",
+            "--methods", "dkvb,linear,ncm,slda", "--device", "cuda"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["device"] == "cuda"
+    for name, (device, strategy) in devices.items():
+        assert device == "cuda" and strategy.device.type == "cuda", name
+        assert all(p.device.type == "cuda" for p in strategy.model.parameters()), name
+    assert pd.read_csv(tmp_path / "out" / "results.csv").final_accuracy.between(0, 1).all()

@@ -54,6 +54,18 @@ def _one_error_line(capsys) -> str:
     (REAL + ["--weights", "/nowhere.pt"], "--weights must be 'default', 'none' or an existing checkpoint file"),
     (["--seeds", ""], "--seeds must be a non-empty list of non-negative integers, got []."),
     (["--epochs", "0"], "--epochs apply to the real-image benchmarks only, not to toy2d"),
+    (["--cpus-per-cell", "2"], "--cpus-per-cell applies to --engine ray only, not to --engine local."),
+    (["--ray-address", "auto", "--gpus-per-cell", "1"], "--ray-address, --gpus-per-cell apply to --engine ray only"),
+    (["--engine", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be a finite number > 0, got 0.0."),
+    (["--engine", "ray", "--cpus-per-cell", "nan"], "--cpus-per-cell must be a finite number > 0, got nan."),
+    (["--engine", "ray", "--gpus-per-cell", "-0.5"], "--gpus-per-cell must be a finite number >= 0, got -0.5."),
+    (["--engine", "spark"], "argument --engine: invalid choice: 'spark'"),
+    (["--device", "cuda"], "--device cuda applies to the real-image benchmarks; the 2D main job runs on the CPU."),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (REAL + ["--engine", "ray", "--device", "cuda"], "--device cuda with --engine ray needs --gpus-per-cell > 0"),
+    (REAL + ["--engine", "ray", "--gpus-per-cell", "0.5"], "--gpus-per-cell 0.5 reserves GPUs that --device cpu"),
+    pytest.param(REAL + ["--device", "cuda"], "--device cuda: no CUDA device is available here",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")),
 ])
 def test_bad_settings_are_one_line_exit_2_before_anything_is_read_or_written(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
