@@ -115,42 +115,29 @@ class KeyValueBottleneck(nn.Module):
         x = x.to(self.keys.dtype)
         if self.projection is None:
             return x.view(x.shape[0], self.num_codebooks, self.key_dim)
-        return torch.einsum("bD,cDd->bcd", x, self.projection)
+        return (x @ self.projection_matrix()).view(x.shape[0], self.num_codebooks, self.key_dim)
+
+    def projection_matrix(self) -> torch.Tensor:
+        """The random-projection heads as one matrix (D, C*d), codebook-major columns (a copy)."""
+        return self.projection.transpose(0, 1).reshape(self.input_dim, self.num_codebooks * self.key_dim)
 
     @torch.no_grad()
     def nearest_keys(self, heads: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Indices of the top-k nearest keys (squared L2) per codebook: (B, C, d) -> (B, C, k).
 
-        The search is a batched product of [z, 1] with [-2 key, |key|^2] per codebook, in blocks of
-        codebooks x samples holding at most ``lookup_chunk_elements`` scores, so each block stays in
-        cache and there is never a (B, C, K, d) tensor. With ``only_used``, keys never selected in
-        training are excluded (per codebook, once any key of that codebook has been used); a codebook
-        with fewer than k used keys repeats its nearest used key.
+        The search is :func:`search_keys` on :func:`augmented_heads` and :func:`augmented_keys`. With
+        ``only_used``, keys never selected in training are excluded (per codebook, once any key of that
+        codebook has been used; a codebook with no used key searches all its keys, where the authors'
+        code returns key 0); a codebook with fewer than k used keys repeats its nearest used key.
         """
-        C, K = self.num_codebooks, self.num_keys
-        keys_aug = torch.cat([-2 * self.keys, self.keys.square().sum(-1, keepdim=True)], dim=-1)
-        keys_aug = keys_aug.transpose(1, 2).contiguous()  # (C, d+1, K)
+        penalty = None
         if only_used:
             used = self.usage_counts > 0  # (C, K)
             dormant = ~used & used.any(dim=1, keepdim=True)
-            penalty = torch.zeros_like(dormant, dtype=keys_aug.dtype).masked_fill_(dormant, math.inf)
-        heads_aug = torch.cat([heads, heads.new_ones(*heads.shape[:2], 1)], dim=-1).transpose(0, 1).contiguous()
-        batch_block = max(1, min(heads.shape[0], self.lookup_chunk_elements // K))
-        codebook_block = max(1, self.lookup_chunk_elements // (batch_block * K))
-        out = torch.empty(C, heads.shape[0], self.top_k, dtype=torch.long, device=heads.device)
-        for c in range(0, C, codebook_block):
-            cs = slice(c, c + codebook_block)
-            for b in range(0, heads.shape[0], batch_block):
-                bs = slice(b, b + batch_block)
-                scores = torch.bmm(heads_aug[cs, bs], keys_aug[cs])  # (c, b, K): |key|^2 - 2 z.key
-                if only_used:
-                    scores += penalty[cs].unsqueeze(1)
-                if self.top_k == 1:
-                    out[cs, bs] = scores.argmin(dim=-1, keepdim=True)
-                else:  # with fewer used keys than top_k, repeat the nearest used one, never a dormant key
-                    nearest, idx = scores.topk(self.top_k, dim=-1, largest=False)
-                    out[cs, bs] = torch.where(torch.isinf(nearest), idx[..., :1], idx)
-        return out.transpose(0, 1)
+            penalty = torch.zeros_like(dormant, dtype=self.keys.dtype).masked_fill_(dormant, math.inf)
+        idx = search_keys(augmented_heads(heads), augmented_keys(self.keys), self.top_k,
+                          self.lookup_chunk_elements, penalty)
+        return idx.transpose(0, 1)
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Rows of ``values.view(C*K, V)`` selected by each input: (B, D) -> (B, C*k)."""
@@ -182,3 +169,67 @@ class KeyValueBottleneck(nn.Module):
         return (f"input_dim={self.input_dim}, num_codebooks={self.num_codebooks}, "
                 f"num_keys={self.num_keys}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
                 f"heads={self.heads!r}, top_k={self.top_k}")
+
+
+# -- nearest-key search ------------------------------------------------------------------------------
+def augmented_heads(heads: torch.Tensor) -> torch.Tensor:
+    """[z, 1] per head, codebook-major: (B, C, d) -> (C, B, d+1)."""
+    return torch.cat([heads, heads.new_ones(*heads.shape[:2], 1)], dim=-1).transpose(0, 1).contiguous()
+
+
+def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
+    """[-2 key, |key|^2] per key, transposed for the search: (C, K, d) -> (C, d+1, K)."""
+    keys_aug = torch.cat([-2 * keys, keys.square().sum(-1, keepdim=True)], dim=-1)
+    return keys_aug.transpose(1, 2).contiguous()
+
+
+def _group_size(num_keys: int) -> int:
+    """The largest divisor of ``num_keys`` not above its square root (64 for 4096)."""
+    return max(g for g in range(1, math.isqrt(num_keys) + 1) if num_keys % g == 0)
+
+
+def first_argmin(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the first minimum along the last axis, as ``scores.argmin(-1)``: (..., K) -> (...).
+
+    In two stages, because torch's argmin is several times slower than its min: the minimum of each
+    group of G keys, the first group holding the overall minimum, then the first minimum inside that
+    group. Both stages compare the same values, so the result equals ``argmin`` exactly, ties included.
+    """
+    K = scores.shape[-1]
+    G = _group_size(K)
+    if G == 1:
+        return scores.argmin(-1)
+    groups = scores.unflatten(-1, (K // G, G))  # (..., K/G, G)
+    group = groups.amin(-1).argmin(-1, keepdim=True)  # (..., 1)
+    inside = groups.gather(-2, group.unsqueeze(-1).expand(*group.shape, G)).squeeze(-2).argmin(-1)
+    return group.squeeze(-1) * G + inside
+
+
+@torch.no_grad()
+def search_keys(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int = 1,
+                chunk_elements: int = 2**20, penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k smallest squared distances per codebook: heads (C, B, d+1), keys (C, d+1, K) -> (C, B, k).
+
+    Scores ``|key|^2 - 2 z.key`` (the squared distance less ``|z|^2``, which does not change the order)
+    are batched products of [z, 1] with [-2 key, |key|^2], in blocks of codebooks x samples holding at
+    most ``chunk_elements`` scores, so each block stays in cache and there
+    is never a (B, C, K, d) tensor. ``penalty`` (C, K) is added to every score of its codebook (inf
+    masks a key); with fewer than k finite scores the nearest finite one is repeated.
+    """
+    C, B, K = heads_aug.shape[0], heads_aug.shape[1], keys_aug.shape[2]
+    batch_block = max(1, min(B, chunk_elements // K))  # below B only with one codebook a block: contiguous
+    codebook_block = max(1, chunk_elements // (batch_block * K))
+    out = torch.empty(C, B, top_k, dtype=torch.long, device=heads_aug.device)
+    for c in range(0, C, codebook_block):
+        cs = slice(c, c + codebook_block)
+        for b in range(0, B, batch_block):
+            bs = slice(b, b + batch_block)
+            scores = torch.bmm(heads_aug[cs, bs], keys_aug[cs])  # (c, b, K)
+            if penalty is not None:
+                scores += penalty[cs].unsqueeze(1)
+            if top_k == 1:
+                out[cs, bs, 0] = first_argmin(scores)
+            else:  # with fewer finite scores than top_k, repeat the nearest finite one
+                nearest, idx = scores.topk(top_k, dim=-1, largest=False)
+                out[cs, bs] = torch.where(torch.isinf(nearest), idx[..., :1], idx)
+    return out

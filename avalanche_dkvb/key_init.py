@@ -13,15 +13,24 @@ from typing import Callable
 
 import torch
 
-from avalanche_dkvb.bottleneck import KeyValueBottleneck
+from avalanche_dkvb.bottleneck import KeyValueBottleneck, search_keys
 from avalanche_dkvb.validation import check_finite, check_positive_int
+
+
+DEAD_KEY_RULES = ("authors", "reset")
 
 
 def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator | None):
     """Shuffled (B, D) batches covering ``data`` (N, D) once."""
-    order = torch.randperm(data.shape[0], generator=generator)
-    for start in range(0, data.shape[0], batch_size):
-        yield data[order[start:start + batch_size]]
+    for rows in _batch_rows(data.shape[0], batch_size, generator):
+        yield data[rows]
+
+
+def _batch_rows(num_samples: int, batch_size: int, generator: torch.Generator | None):
+    """Row indices (B,) of shuffled batches covering ``num_samples`` rows once."""
+    order = torch.randperm(num_samples, generator=generator)
+    for start in range(0, num_samples, batch_size):
+        yield order[start:start + batch_size]
 
 
 def _check_init_inputs(bottleneck: KeyValueBottleneck, data: torch.Tensor, epochs: int,
@@ -59,6 +68,17 @@ def _sample_heads(heads: torch.Tensor, num_keys: int, generator: torch.Generator
     return heads.transpose(0, 1)[torch.arange(C, device=heads.device).unsqueeze(1), pick]
 
 
+def _augmented_heads_of(bottleneck: KeyValueBottleneck, data: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[head, 1] of every sample, codebook-major: (N, D) -> (C, N, d+1), projected in chunks."""
+    C, d = bottleneck.num_codebooks, bottleneck.key_dim
+    out = torch.empty(C, data.shape[0], d + 1, dtype=bottleneck.keys.dtype, device=bottleneck.keys.device)
+    out[..., d] = 1
+    for start in range(0, data.shape[0], chunk):
+        heads = bottleneck.project(data[start:start + chunk].to(out.device))  # (b, C, d)
+        out[:, start:start + chunk, :d] = heads.transpose(0, 1)
+    return out
+
+
 @torch.no_grad()
 def ema_init_keys(
     bottleneck: KeyValueBottleneck,
@@ -69,6 +89,7 @@ def ema_init_keys(
     decay: float = 0.95,
     eps: float = 1e-5,
     dead_threshold: float | None = None,
+    dead_key_rule: str = "authors",
     generator: torch.Generator | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> None:
@@ -77,34 +98,61 @@ def ema_init_keys(
     Per batch: cluster sizes and sums of assigned heads are exponentially averaged (``decay``), the
     sizes Laplace-smoothed (``eps``), keys set to smoothed means; keys whose EMA size falls below
     ``dead_threshold`` (default ``0.1 * batch_size / K``) are re-sampled from the current batch.
-    ``progress(epoch, quantisation_error)`` is called after each epoch if given.
+    ``dead_key_rule="authors"`` (default) overwrites only the dead key, as the authors' code does: its
+    EMA sum and size stay, so the next batch rebuilds it from the stale sum and it is re-drawn while
+    unused; ``"reset"`` also sets its sum to the fresh head and its size to 1, so it stays there until
+    the data moves it. ``progress(epoch, quantisation_error)`` is called after each epoch if given.
+
+    All heads are projected once: (C, N, d+1) floats in memory (768 MB for 50,000 samples at C 256,
+    d 14). The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
+    (index_add_) and the keys feed the search without a copy.
     """
-    _check_init_inputs(bottleneck, data, epochs, batch_size)
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}.")
-    K = bottleneck.num_keys
+    if dead_key_rule not in DEAD_KEY_RULES:
+        raise ValueError(f"dead_key_rule must be one of {DEAD_KEY_RULES}, got {dead_key_rule!r}.")
+    _check_init_inputs(bottleneck, data, epochs, batch_size)
+    C, K, d = bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.key_dim
     threshold = 0.1 * batch_size / K if dead_threshold is None else dead_threshold
-    keys = bottleneck.keys.clone()
-    cluster_size = keys.new_zeros(keys.shape[:2])  # (C, K)
-    embed_sum = keys.clone()  # (C, K, d)
+    heads_all = _augmented_heads_of(bottleneck, data)  # (C, N, d+1)
+    offsets = (torch.arange(C, device=heads_all.device) * K).unsqueeze(1)  # (C, 1)
+    embed_sum = bottleneck.keys.reshape(C * K, d).T.contiguous()  # (d, C*K)
+    cluster_size = embed_sum.new_zeros(C * K)
+    keys_aug = torch.empty(d + 1, C * K, dtype=embed_sum.dtype, device=embed_sum.device)
+    torch.mul(embed_sum, -2, out=keys_aug[:d])  # [-2 key; |key|^2]: the keys are keys_aug[:d] * -0.5, exactly
+    _set_square_norms(keys_aug)
+    search_view = keys_aug.view(d + 1, C, K).transpose(0, 1)  # (C, d+1, K), no copy
     for epoch in range(epochs):
-        for batch in _batches(data, batch_size, generator):
-            heads = bottleneck.project(batch)  # (B, C, d)
-            counts, sums = _scatter_heads(bottleneck, heads)
+        for rows in _batch_rows(data.shape[0], batch_size, generator):
+            batch = heads_all[:, rows.to(heads_all.device)]  # (C, B, d+1)
+            idx = search_keys(batch, search_view, 1, bottleneck.lookup_chunk_elements)[..., 0]  # (C, B)
+            flat = (idx + offsets).flatten()  # rows of (C*K), codebook-major like the batch
+            counts = torch.bincount(flat, minlength=C * K).to(cluster_size.dtype)
             cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-            embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
-            total = cluster_size.sum(-1, keepdim=True)
-            smoothed = (cluster_size + eps) / (total + K * eps) * total
-            keys = embed_sum / smoothed.unsqueeze(-1)
-            dead = cluster_size < threshold  # (C, K)
+            embed_sum.mul_(decay).index_add_(1, flat, batch[..., :d].reshape(-1, d).T, alpha=1 - decay)
+            total = cluster_size.view(C, K).sum(-1, keepdim=True)
+            smoothed = (cluster_size.view(C, K) + eps) / (total + K * eps) * total  # (C, K)
+            torch.div(embed_sum, smoothed.view(1, C * K) * -0.5, out=keys_aug[:d])  # -2 * mean
+            _set_square_norms(keys_aug)
+            dead = cluster_size < threshold  # (C*K,)
             if bool(dead.any()):
-                fresh = _sample_heads(heads, K, generator)
-                keys = torch.where(dead.unsqueeze(-1), fresh, keys)
-                embed_sum = torch.where(dead.unsqueeze(-1), fresh, embed_sum)
-                cluster_size = torch.where(dead, torch.ones_like(cluster_size), cluster_size)
-            bottleneck.set_keys(keys)
+                pick = torch.randint(len(rows), (C, K), generator=generator, device=heads_all.device).view(-1)
+                dead_rows = dead.nonzero().squeeze(1)
+                fresh = batch[dead_rows // K, pick[dead_rows], :d].T  # (d, dead)
+                keys_aug[:d, dead_rows] = fresh * -2
+                keys_aug[d, dead_rows] = fresh.square().sum(0)
+                if dead_key_rule == "reset":
+                    embed_sum[:, dead_rows] = fresh
+                    cluster_size[dead_rows] = 1.0
+        bottleneck.set_keys((keys_aug[:d] * -0.5).T.reshape(C, K, d))
         if progress is not None:
             progress(epoch, float(bottleneck.quantization_error(data[:4096])))
+
+
+def _set_square_norms(keys_aug: torch.Tensor) -> None:
+    """Last row of ``keys_aug`` (d+1, M) = |key|^2 of the keys ``keys_aug[:-1] * -0.5``."""
+    torch.sum(keys_aug[:-1].square(), dim=0, out=keys_aug[-1])
+    keys_aug[-1].mul_(0.25)
 
 
 @torch.no_grad()
@@ -143,7 +191,8 @@ KEY_INITIALISERS = {"ema": ema_init_keys, "kmeans": kmeans_init_keys}
 
 
 def init_keys(bottleneck: KeyValueBottleneck, data: torch.Tensor, method: str = "ema", **kwargs) -> None:
-    """Initialise the keys with the named method (``"ema"`` or ``"kmeans"``)."""
+    """Initialise the keys with the named method (``"ema"`` or ``"kmeans"``); ``kwargs`` go to it
+    (e.g. ``dead_key_rule="authors"`` or ``"reset"`` for EMA)."""
     if method not in KEY_INITIALISERS:
         raise ValueError(f"Unknown key initialisation {method!r}; expected one of {sorted(KEY_INITIALISERS)}.")
     KEY_INITIALISERS[method](bottleneck, data, **kwargs)
