@@ -45,7 +45,7 @@ class KeyValueBottleneck(nn.Module):
         top_k: int = 1,
         value_init: str = "zeros",
         value_init_std: float = 1e-3,
-        lookup_chunk_elements: int = 2**20,
+        lookup_chunk_elements: int = 2**18,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -207,7 +207,7 @@ def first_argmin(scores: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def search_keys(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int = 1,
-                chunk_elements: int = 2**20, penalty: torch.Tensor | None = None) -> torch.Tensor:
+                chunk_elements: int = 2**18, penalty: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k smallest squared distances per codebook: heads (C, B, d+1), keys (C, d+1, K) -> (C, B, k).
 
     Scores ``|key|^2 - 2 z.key`` (the squared distance less ``|z|^2``, which does not change the order)
