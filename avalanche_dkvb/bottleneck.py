@@ -18,6 +18,7 @@ from torch import nn
 from avalanche_dkvb.validation import check_finite, check_positive_int
 
 HEAD_KINDS = ("random_projection", "chunk")
+TOP_K_REDUCTIONS = ("sum", "mean")
 VALUE_INITS = ("zeros", "normal")
 
 
@@ -43,6 +44,7 @@ class KeyValueBottleneck(nn.Module):
         *,
         heads: str = "random_projection",
         top_k: int = 1,
+        top_k_reduction: str = "sum",
         value_init: str = "zeros",
         value_init_std: float = 1e-3,
         lookup_chunk_elements: int = 2**18,
@@ -63,11 +65,14 @@ class KeyValueBottleneck(nn.Module):
             )
         if top_k > num_keys:
             raise ValueError(f"top_k must be at most num_keys={num_keys}, got top_k={top_k}.")
+        if top_k_reduction not in TOP_K_REDUCTIONS:
+            raise ValueError(f"top_k_reduction must be one of {TOP_K_REDUCTIONS}, got {top_k_reduction!r}.")
         if value_init not in VALUE_INITS:
             raise ValueError(f"value_init must be one of {VALUE_INITS}, got {value_init!r}.")
 
         self.input_dim, self.num_codebooks, self.num_keys = input_dim, num_codebooks, num_keys
         self.key_dim, self.value_dim, self.top_k, self.heads = key_dim, value_dim, top_k, heads
+        self.top_k_reduction = top_k_reduction
         self.lookup_chunk_elements = lookup_chunk_elements
 
         if heads == "random_projection":
@@ -149,13 +154,21 @@ class KeyValueBottleneck(nn.Module):
         """Add one selection of each row in ``flat_idx`` (any shape) to the usage counters."""
         self.usage_counts.view(-1).add_(torch.bincount(flat_idx.flatten(), minlength=self.usage_counts.numel()))
 
+    @property
+    def top_k_scale(self) -> int:
+        """What the top-k reduction multiplies the mean of the k fetched values by: k for "sum" (the
+        authors' decoder sums them), 1 for "mean"."""
+        return self.top_k if self.top_k_reduction == "sum" else 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fetched values per codebook, averaged over the top-k keys: (B, D) -> (B, C, V)."""
+        """Fetched values per codebook, summed (``top_k_reduction="sum"``, the authors') or averaged
+        (``"mean"``) over the top-k keys: (B, D) -> (B, C, V). With top_k 1 both are the value itself."""
         flat_idx = self.flat_indices(x, only_used=not self.training)
         if self.training:
             self.count_usage(flat_idx)
         fetched = self.values.view(-1, self.value_dim)[flat_idx]  # (B, C*k, V)
-        return fetched.view(x.shape[0], self.num_codebooks, self.top_k, self.value_dim).mean(2)
+        fetched = fetched.view(x.shape[0], self.num_codebooks, self.top_k, self.value_dim)
+        return fetched.sum(2) if self.top_k_reduction == "sum" else fetched.mean(2)
 
     @torch.no_grad()
     def quantization_error(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +181,7 @@ class KeyValueBottleneck(nn.Module):
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, num_codebooks={self.num_codebooks}, "
                 f"num_keys={self.num_keys}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-                f"heads={self.heads!r}, top_k={self.top_k}")
+                f"heads={self.heads!r}, top_k={self.top_k}, top_k_reduction={self.top_k_reduction!r}")
 
 
 # -- nearest-key search ------------------------------------------------------------------------------

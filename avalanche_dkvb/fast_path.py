@@ -6,14 +6,16 @@ loop: Avalanche's ``training_epoch`` still runs over ``strategy.dataloader`` and
 so metrics, loggers, LR schedulers and plugins see the real minibatch, outputs and loss. With the mean
 decoder, mean cross-entropy (label smoothing s) and plain SGD (lr), for a batch of b samples:
 
-    forward   logits = mean of the selected value rows                      (b, V)   gather + mean
+    forward   logits = t * mean of the selected value rows                  (b, V)   gather + mean
     backward  g = (softmax(logits) - ((1-s) onehot(y) + s/V)) / b           (b, V)   exact dLoss/dlogits
-    step      values[row] -= lr * g / (C*k)  for every selected row          sparse update (index_add_)
+    step      values[row] -= lr * t * g / (C*k)  for every selected row      sparse update (index_add_)
 
-which is exactly the gradient autograd computes through the mean decoder, applied by SGD, so only the
-selected rows change. Gradient clipping never acts: the whole gradient's norm is at most
-sqrt(2 / (C*k)) (each sample's g has norm <= sqrt(2)/b, shared over C*k rows), so the fast path is
-only taken when the clip threshold is at least that bound.
+with t the bottleneck's top-k scale (k when the k values of a codebook are summed, the authors'
+default, 1 when averaged). This is exactly the gradient autograd computes through the mean decoder,
+applied by SGD, so only the selected rows change. Gradient clipping never acts: the whole gradient's
+norm is at most sqrt(2 C k) t / (C k) (:func:`gradient_norm_bound`: each sample's g has norm
+<= sqrt(2)/b, reaching each of its C*k rows times t/(C k)), so the fast path is only taken when the
+clip threshold is at least that bound.
 
 Where the rows come from:
 - :class:`CachedExperienceBatches` when the strategy trains on its own default loader: the experience
@@ -102,6 +104,14 @@ def plugin_blocker(plugin, strategy) -> str | None:
     return condition(plugin, strategy)
 
 
+def gradient_norm_bound(bottleneck) -> float:
+    """Largest possible norm of the whole values gradient of mean cross-entropy through the mean
+    decoder: sqrt(2 C k) * s / (C k), with s the top-k scale (k for "sum", 1 for "mean"): each sample's
+    logit gradient has norm <= sqrt(2) / b and reaches each of its C*k rows times s / (C k)."""
+    rows = bottleneck.num_codebooks * bottleneck.top_k
+    return math.sqrt(2.0 * rows) * bottleneck.top_k_scale / rows
+
+
 def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | None) -> str | None:
     """Why ``strategy`` cannot train through the fast path with ``criterion``, or None if it can."""
     model, optimizer = strategy.model, strategy.optimizer
@@ -119,7 +129,7 @@ def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | No
     if type(criterion) is not nn.CrossEntropyLoss or criterion.weight is not None \
             or criterion.reduction != "mean":
         return "the criterion is not a plain mean nn.CrossEntropyLoss"
-    bound = math.sqrt(2.0 / (model.bottleneck.num_codebooks * model.bottleneck.top_k))
+    bound = gradient_norm_bound(model.bottleneck)
     if clip_grad_norm is not None and clip_grad_norm < bound:
         return f"gradient clipping at {clip_grad_norm} could act (gradient norm bound {bound:.3g})"
     for plugin in strategy.plugins:
@@ -293,7 +303,9 @@ class FastStep:
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
         """Training-mode logits (b, V) of the current batch (its source counts the selections)."""
-        return self.kernels.gather_mean(self._values, self.batches.current_rows)
+        logits = self.kernels.gather_mean(self._values, self.batches.current_rows)
+        scale = self.bottleneck.top_k_scale
+        return logits if scale == 1 else logits * scale
 
     @torch.no_grad()
     def backward(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -302,7 +314,8 @@ class FastStep:
     @torch.no_grad()
     def step(self, lr: float) -> None:
         rows = self.batches.current_rows
-        self.kernels.scatter_update(self._values, rows, self._gradient * (-lr / rows.shape[0]))
+        step = -lr * self.bottleneck.top_k_scale / rows.shape[0]  # dlogits/drow: top-k scale / (C*k)
+        self.kernels.scatter_update(self._values, rows, self._gradient * step)
         self._gradient = None
 
 

@@ -105,15 +105,22 @@ def test_top3_is_bruteforce_topk_set(elements):
     assert torch.equal(idx.sort(-1).values, expected.sort(-1).values)
 
 
-def test_forward_top3_averages_the_three_fetched_values():
-    bn = random_bottleneck(top_k=3, value_init="normal", value_init_std=1.0)
+@pytest.mark.parametrize("reduction", ["sum", "mean", None])  # None: the default, the authors' sum
+def test_forward_top3_sums_or_averages_the_three_fetched_values(reduction):
+    options = {} if reduction is None else {"top_k_reduction": reduction}
+    bn = random_bottleneck(top_k=3, value_init="normal", value_init_std=1.0, **options)
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     bn.eval()  # no usage yet, so no masking
     out = bn(x)  # (B, C, V)
     heads = torch.einsum("bD,cDd->bcd", x, bn.projection)
     top = brute_force_sq_dist(heads, bn.keys).topk(3, dim=-1, largest=False).indices  # (B, C, 3)
-    expected = torch.stack([bn.values[c][top[:, c]].mean(1) for c in range(bn.num_codebooks)], dim=1)
-    assert torch.allclose(out, expected)
+    fetched = torch.stack([bn.values[c][top[:, c]] for c in range(bn.num_codebooks)], dim=1)  # (B, C, 3, V)
+    assert torch.allclose(out, fetched.mean(2) if reduction == "mean" else fetched.sum(2))
+
+
+def test_bad_top_k_reduction_is_named():
+    with pytest.raises(ValueError, match=r"top_k_reduction must be one of \('sum', 'mean'\), got 'max'"):
+        random_bottleneck(top_k=2, top_k_reduction="max")
 
 
 def test_flat_indices_offset_by_codebook():

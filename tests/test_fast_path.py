@@ -17,7 +17,7 @@ from avalanche.training.plugins import EvaluationPlugin, GDumbPlugin, LRSchedule
 from torch import nn
 
 from avalanche_dkvb import DKVB, DKVBPlugin, create_dkvb_model, ema_init_keys
-from avalanche_dkvb.fast_path import RowsByContent, plugin_blocker
+from avalanche_dkvb.fast_path import RowsByContent, gradient_norm_bound, plugin_blocker
 
 KEY_INIT = {"epochs": 5, "batch_size": 64}
 
@@ -80,14 +80,15 @@ def assert_same_training(fast, slow):
 
 
 # -- unit level --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_gradient_norm_bound_that_lets_the_fast_path_skip_clipping(top_k):
-    """The bound sqrt(2 / (C k)) used to decide that clipping never acts holds for autograd's gradient,
-    even in the worst case where the whole batch selects the same keys."""
+@pytest.mark.parametrize("top_k, reduction", [(1, "sum"), (2, "mean"), (2, "sum"), (3, "sum")])
+def test_gradient_norm_bound_that_lets_the_fast_path_skip_clipping(top_k, reduction):
+    """The bound sqrt(2 C k) t / (C k) (t = k for "sum", 1 for "mean") used to decide that clipping never
+    acts holds for autograd's gradient, even in the worst case where the whole batch selects the same keys."""
     C = 3
     model = create_dkvb_model(4, 6, num_codebooks=C, num_keys=5, key_dim=2, heads="random_projection",
-                              top_k=top_k, value_init="normal", value_init_std=3.0)
-    bound = math.sqrt(2.0 / (C * top_k))
+                              top_k=top_k, top_k_reduction=reduction, value_init="normal", value_init_std=3.0)
+    bound = gradient_norm_bound(model.bottleneck)
+    assert bound == pytest.approx(math.sqrt(2.0 / (C * top_k)) * (top_k if reduction == "sum" else 1))
     for x in (torch.randn(64, 4), torch.randn(1, 4).expand(64, 4)):  # random / all identical inputs
         model.zero_grad()
         y = torch.zeros(64, dtype=torch.long)  # all the same class: gradients add up per key
@@ -108,15 +109,20 @@ def test_rows_by_content_equal_the_search_and_survive_collisions(make_model, ini
 
 
 # -- the fast path equals the generic path through the strategy ------------------------------------
-@pytest.mark.parametrize("mode, top_k, label_smoothing", [
-    ("eager", 1, 0.1), ("eager", 3, 0.0), ("compiled", 3, 0.1),  # compiled: one case, each shape compiles
+# with 4 codebooks and top-3 sums, clipping at 1.0 could act (bound 1.22): clip at 2 there
+@pytest.mark.parametrize("mode, top_k, reduction, label_smoothing, clip", [
+    ("eager", 1, "sum", 0.1, 1.0), ("eager", 3, "mean", 0.0, 1.0), ("eager", 3, "sum", 0.1, 2.0),
+    ("compiled", 3, "sum", 0.1, 2.0),  # compiled: one case, each shape compiles
 ])
-def test_fast_path_equals_generic_path(mode, top_k, label_smoothing, make_model, init_data, toy_stream):
-    fast, slow = train_pair(lambda model: [], lambda: make_model(top_k=top_k), init_data, toy_stream,
-                            fast_mode=mode, label_smoothing=label_smoothing)
+def test_fast_path_equals_generic_path(mode, top_k, reduction, label_smoothing, clip, make_model, init_data,
+                                       toy_stream):
+    def model():
+        return make_model(top_k=top_k, top_k_reduction=reduction)
+    fast, slow = train_pair(lambda model: [], model, init_data, toy_stream, fast_mode=mode,
+                            label_smoothing=label_smoothing, clip_grad_norm=clip)
     assert fast.plugins[0].seen == [True] * 12  # 4 experiences x 3 epochs, all on the fast path
     assert not fast.uses_fast_path  # the cache is freed after each experience
-    before = initialised(make_model(top_k=top_k), init_data).bottleneck.values
+    before = initialised(model(), init_data).bottleneck.values
     assert not torch.allclose(fast.model.bottleneck.values, before, atol=1e-3)  # they did train
     assert_same_training(fast, slow)
 
