@@ -41,11 +41,26 @@ class LinearDecoder(nn.Module):
         return self.linear(values.flatten(1))
 
 
-DECODERS = {"mean": MeanDecoder, "linear": LinearDecoder}
+class MLPDecoder(nn.Module):
+    """The authors' "mlp-128" decoder: all fetched values, concatenated, through one hidden ReLU layer:
+    (B, C*V) -> (B, hidden) -> (B, n)."""
+
+    def __init__(self, num_codebooks: int, value_dim: int, num_classes: int, hidden_dim: int = 128):
+        super().__init__()
+        check_positive_int("hidden_dim", hidden_dim)
+        self.num_classes = num_classes
+        self.mlp = nn.Sequential(nn.Linear(num_codebooks * value_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, num_classes))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.mlp(values.flatten(1))
+
+
+DECODERS = {"mean": MeanDecoder, "linear": LinearDecoder, "mlp": MLPDecoder}
 
 
 def create_decoder(name: str, num_codebooks: int, value_dim: int, num_classes: int) -> nn.Module:
-    """The decoder registered as ``name`` ("mean" or "linear")."""
+    """The decoder registered as ``name`` ("mean", "linear" or "mlp")."""
     if name not in DECODERS:
         raise ValueError(f"Unknown decoder {name!r}; expected one of {sorted(DECODERS)}.")
     check_positive_int("num_classes", num_classes)

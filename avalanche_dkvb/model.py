@@ -69,7 +69,9 @@ def create_dkvb_model(
     **bottleneck_kwargs,
 ) -> DKVBModel:
     """A DKVB model with the paper's defaults (C 256, K 4096, d_key 14, d_value = classes, mean
-    decoder, zero values). ``bottleneck_kwargs`` go to :class:`KeyValueBottleneck`."""
+    decoder, zero values). ``decoder`` is "mean", "linear" or "mlp" (:data:`DECODERS`);
+    ``bottleneck_kwargs`` go to :class:`KeyValueBottleneck` (e.g. ``top_k=4, top_k_reduction="mean"``;
+    the authors' ``"sum"`` is the default)."""
     value_dim = num_classes if value_dim is None else value_dim
     bottleneck = KeyValueBottleneck(input_dim, num_codebooks, num_keys, key_dim, value_dim, **bottleneck_kwargs)
     return DKVBModel(bottleneck, create_decoder(decoder, num_codebooks, value_dim, num_classes), encoder)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_dkvb import (KeyValueBottleneck, LinearDecoder, MeanDecoder, create_decoder,
+from avalanche_dkvb import (KeyValueBottleneck, LinearDecoder, MeanDecoder, MLPDecoder, create_decoder,
                             create_dkvb_model)
 
 
@@ -215,6 +215,25 @@ def test_linear_decoder_trains_with_values():
     assert model.decoder.linear.weight.grad.abs().sum() > 0
     names = set(model.trainable_parameters())
     assert names == {"bottleneck.values", "decoder.linear.weight", "decoder.linear.bias"}
+
+
+def test_mlp_decoder_trains_with_values():
+    """The authors' "mlp-128": concatenated values -> 128 hidden ReLU units -> logits."""
+    model = create_dkvb_model(4, 3, num_codebooks=2, num_keys=6, key_dim=2, value_dim=5, decoder="mlp",
+                              value_init="normal")
+    assert isinstance(model.decoder, MLPDecoder) and not model.uses_mean_decoder
+    first, last = model.decoder.mlp[0], model.decoder.mlp[2]
+    assert (first.in_features, first.out_features, last.out_features) == (2 * 5, 128, 3)
+    x, y = torch.randn(9, 4), torch.randint(3, (9,))
+    logits = model(x)
+    fetched = model.bottleneck(x).flatten(1)  # (B, C*V)
+    assert torch.allclose(logits, last(torch.relu(first(fetched))))
+    nn.functional.cross_entropy(logits, y).backward()
+    assert model.bottleneck.values.grad.abs().sum() > 0 and first.weight.grad.abs().sum() > 0
+    assert set(model.trainable_parameters()) == {"bottleneck.values", "decoder.mlp.0.weight", "decoder.mlp.0.bias",
+                                                  "decoder.mlp.2.weight", "decoder.mlp.2.bias"}
+    with pytest.raises(ValueError, match="hidden_dim must be a positive integer, got 0"):
+        MLPDecoder(2, 5, 3, hidden_dim=0)
 
 
 def test_unknown_decoder_is_refused():

@@ -249,6 +249,7 @@ BLOCKERS = [
     pytest.param(dict(optimizer="adam", allow_nonlocal_optimizer=True), "not plain torch.optim.SGD", id="adam"),
     pytest.param(dict(optimizer="momentum", allow_nonlocal_optimizer=True), "momentum", id="momentum"),
     pytest.param(dict(decoder="linear"), "mean decoder", id="linear_decoder"),
+    pytest.param(dict(decoder="mlp"), "mean decoder", id="mlp_decoder"),
     pytest.param(dict(clip_grad_norm=0.1), "gradient clipping", id="clip"),
     pytest.param(dict(criterion=nn.NLLLoss()), "CrossEntropyLoss", id="criterion"),
     pytest.param(dict(plugin=IterationHookPlugin()), "IterationHookPlugin", id="unknown_plugin"),
