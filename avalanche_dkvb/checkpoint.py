@@ -128,11 +128,19 @@ def _load_si(strategy, state: dict) -> None:
 
 
 def _save_counts(strategy) -> dict:
-    return {"class_counts": strategy.class_counts.detach().clone()}
+    weights = strategy.class_weights
+    return {"class_counts": strategy.class_counts.detach().clone(),
+            "class_weights": None if weights is None else weights.detach().clone()}
 
 
 def _load_counts(strategy, state: dict) -> None:
-    strategy.class_counts = state["class_counts"].to(strategy.class_counts.device)
+    if (state.get("class_weights") is None) != (strategy.class_weights is None):
+        raise ValueError("The checkpoint's count values and this CountValues differ in distance_temperature "
+                         "(weighted or uniform top-k); build the strategy with the checkpoint's settings.")
+    device = strategy.class_counts.device
+    strategy.class_counts = state["class_counts"].to(device)
+    if strategy.class_weights is not None:
+        strategy.class_weights = state["class_weights"].to(device)
 
 
 def _nothing(strategy) -> dict:

@@ -10,12 +10,19 @@ in each of the C*k rows it selects; each row's value is a function of that row's
     ``"log_posterior"`` (default)  log(V * (n_kc + a) / (n_k + V a)): the Laplace-smoothed log class
                                    posterior of the key, shifted by log V so an unvisited key is 0;
     ``"posterior"``                V * (n_kc + a) / (n_k + V a) - 1, the same posterior, not logged;
-    ``"counts"``                   n_kc, the raw counts: what SGD on the values degenerates to at the
+    ``"counts"``                   n_kc, the raw (possibly weighted) counts: what SGD on the values degenerates to at the
                                    paper's settings (tiny steps around uniform logits).
 
 with ``n_kc`` the row's count of class c, ``n_k`` its total and ``a`` = ``smoothing`` (default 0.1,
 the best of the rules measured on Split-CIFAR10 embeddings: see the README's ablation). The mean decoder
-then averages the selected rows over codebooks, as in DKVB. Consequences:
+then averages the selected rows over codebooks, as in DKVB.
+
+With top-k > 1 the k rows of a codebook are averaged with weights w (summing to 1 per codebook), both
+when counting and when predicting: uniform by default, or, with ``distance_temperature`` tau,
+``w = softmax(-|h - key|^2 / tau)`` over the k keys (distance-weighted top-k: a selection counts k*w,
+so as tau grows the counts tend to uniform top-k's; weighted counts are float64).
+
+Consequences:
 
 - the model after a stream is exactly the same whatever the order of its samples and experiences
   (integer counts; values recomputed from them);
@@ -37,13 +44,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from avalanche_dkvb.key_init import init_keys
 from avalanche_dkvb.model import DKVBModel
-from avalanche_dkvb.validation import check_positive_int
+from avalanche_dkvb.validation import check_positive_float, check_positive_int
 
 VALUE_RULES = ("log_posterior", "posterior", "counts")
 
 
 def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smoothing: float = 0.1) -> torch.Tensor:
-    """Value rows from per-key class counts: (..., V) integer counts -> (..., V) float32 values.
+    """Value rows from per-key class counts: (..., V) counts (integer, or weighted) -> (..., V) float32 values.
 
     Each output row depends only on the same input row; an all-zero row gives an all-zero value.
     Computed in float64, so the result does not depend on how rows are batched.
@@ -87,7 +94,9 @@ class CountValues(SupervisedTemplate):
     Each minibatch: training-mode lookup (no masking), ``bottleneck.count_usage`` (so evaluation masks
     dormant keys as in DKVB), class counts added with ``index_add_``, and the touched value rows
     recomputed. The training-minibatch output seen by metrics is computed before its own counts are
-    added (prequential, as Avalanche's ``StreamingLDA``). ``class_counts`` is (C, K, V) int32.
+    added (prequential, as Avalanche's ``StreamingLDA``). ``class_counts`` (C, K, V) int32 counts the
+    selections; with ``distance_temperature`` (a positive float, in squared head-distance units) the
+    values come from ``class_weights`` (C, K, V) float64, the same selections weighted.
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class CountValues(SupervisedTemplate):
         model: DKVBModel,
         value_rule: str = "log_posterior",
         smoothing: float = 0.1,
+        distance_temperature: float | None = None,
         init_data: torch.Tensor | Dataset | None = None,
         key_init: str = "ema",
         key_init_kwargs: dict | None = None,
@@ -119,6 +129,8 @@ class CountValues(SupervisedTemplate):
         if not smoothing > 0 and value_rule != "counts":
             raise ValueError(f"smoothing must be > 0 for value_rule={value_rule!r} (a pseudo-count "
                              f"per class), got {smoothing}.")
+        if distance_temperature is not None:
+            check_positive_float("distance_temperature", distance_temperature)
         check_positive_int("embed_batch_size", embed_batch_size)
         if init_data is None and not bool(model.bottleneck.keys_frozen):
             raise ValueError("CountValues needs init_data (unlabelled inputs for the key initialisation) "
@@ -127,12 +139,15 @@ class CountValues(SupervisedTemplate):
                          eval_mb_size=eval_mb_size, device=device, plugins=plugins, evaluator=evaluator,
                          eval_every=eval_every)
         self.value_rule, self.smoothing = value_rule, float(smoothing)
+        self.distance_temperature = None if distance_temperature is None else float(distance_temperature)
         self.init_data, self.key_init = init_data, key_init
         self.key_init_kwargs = dict(key_init_kwargs or {})
         self.embed_batch_size = embed_batch_size
         bottleneck = model.bottleneck
-        self.class_counts = torch.zeros(bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.value_dim,
-                                        dtype=torch.int32, device=bottleneck.values.device)
+        table = (bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.value_dim)
+        self.class_counts = torch.zeros(table, dtype=torch.int32, device=bottleneck.values.device)
+        self.class_weights = None if distance_temperature is None else \
+            torch.zeros(table, dtype=torch.float64, device=bottleneck.values.device)
 
     # -- Avalanche extension points --------------------------------------------------------------
     def make_optimizer(self, **kwargs):
@@ -141,6 +156,8 @@ class CountValues(SupervisedTemplate):
     def _before_training_exp(self, **kwargs):
         bottleneck = self.model.bottleneck
         self.class_counts = self.class_counts.to(bottleneck.values.device)
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(bottleneck.values.device)
         if not bool(bottleneck.keys_frozen):
             init_keys(bottleneck, self._embed(self.init_data), self.key_init, **self.key_init_kwargs)
             bottleneck.freeze_keys()
@@ -156,31 +173,40 @@ class CountValues(SupervisedTemplate):
             self._unpack_minibatch()
             self._before_training_iteration(**kwargs)
             self.loss = self._make_empty_loss()
-            flat_idx = self.model.bottleneck.flat_indices(self.model.embed(self.mb_x))  # (B, C*k)
+            flat_idx, weights = self._select(self.mb_x, only_used=False)
             self._before_forward(**kwargs)
-            self.mb_output = self._logits(flat_idx)
+            self.mb_output = self._logits(flat_idx, weights)
             self._after_forward(**kwargs)
             self.loss += self.criterion()
             self._before_update(**kwargs)
-            self._absorb(flat_idx, self.mb_y)
+            self._absorb(flat_idx, weights, self.mb_y)
             self._after_update(**kwargs)
             self._after_training_iteration(**kwargs)
 
+    def forward(self):
+        """The minibatch's logits; evaluation searches only the used keys, as DKVB."""
+        return self._logits(*self._select(self.mb_x, only_used=not self.is_training))
+
     # -- counts ------------------------------------------------------------------------------------
-    def _absorb(self, flat_idx: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one count of each sample's class to each row it selects: flat_idx (B, C*k), labels (B,)."""
+    def _absorb(self, flat_idx: torch.Tensor, weights: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Add each sample's class to each row it selects, with weight 1 or ``weights`` (B, C*k):
+        flat_idx (B, C*k), labels (B,)."""
         bottleneck = self.model.bottleneck
         _check_labels(labels, bottleneck.value_dim, flat_idx.shape[0])
         bottleneck.count_usage(flat_idx)
         cells = flat_idx * bottleneck.value_dim + labels.unsqueeze(1)  # (B, C*k) cells of the (R, V) table
         cells = cells.flatten()
         self.class_counts.view(-1).index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
+        if weights is not None:
+            # k * w: a sample adds k to each codebook as in uniform top-k, so flat weights count the same
+            self.class_weights.view(-1).index_add_(0, cells, bottleneck.top_k * weights.flatten().double())
         self._refresh_values(flat_idx.flatten().unique())
 
     def _refresh_values(self, rows: torch.Tensor | None) -> None:
         """Recompute the value rows ``rows`` (R' indices into the (R, V) table; None = all rows)."""
         bottleneck = self.model.bottleneck
-        counts = self.class_counts.view(-1, bottleneck.value_dim)
+        table = self.class_counts if self.class_weights is None else self.class_weights
+        counts = table.view(-1, bottleneck.value_dim)
         values = bottleneck.values.data.view(-1, bottleneck.value_dim)
         if rows is None:
             values.copy_(values_from_counts(counts, self.value_rule, self.smoothing))
@@ -207,15 +233,35 @@ class CountValues(SupervisedTemplate):
             raise RuntimeError("The usage counters hold fewer selections than the class counts; they were "
                                "reset or changed outside this strategy, so forgetting cannot be exact.")
         self.class_counts[..., columns] = 0
+        if self.class_weights is not None:
+            self.class_weights[..., columns] = 0
         bottleneck.usage_counts -= removed.to(bottleneck.usage_counts.dtype)
         self._refresh_values(torch.nonzero(removed.flatten()).flatten())
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _logits(self, flat_idx: torch.Tensor) -> torch.Tensor:
+    def _select(self, x: torch.Tensor, only_used: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows each input selects, flat_idx (B, C*k), and their weights (B, C*k), each codebook's k
+        weights summing to 1 (None: uniform, the default)."""
+        bottleneck = self.model.bottleneck
+        heads = bottleneck.project(self.model.embed(x))  # (B, C, d)
+        idx = bottleneck.nearest_keys(heads, only_used=only_used)  # (B, C, k)
+        offsets = torch.arange(bottleneck.num_codebooks, device=idx.device).view(1, -1, 1) * bottleneck.num_keys
+        flat_idx = (idx + offsets).flatten(1)
+        if self.distance_temperature is None:
+            return flat_idx, None
+        keys = bottleneck.keys.view(-1, bottleneck.key_dim)[flat_idx].view(*idx.shape, -1)  # (B, C, k, d)
+        distances = (heads.unsqueeze(2) - keys).square().sum(-1)  # (B, C, k)
+        return flat_idx, torch.softmax(-distances / self.distance_temperature, dim=-1).flatten(1)
+
+    def _logits(self, flat_idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The model's output for already-looked-up rows: flat_idx (B, C*k) -> logits (B, V)."""
         bottleneck = self.model.bottleneck
         fetched = bottleneck.values.view(-1, bottleneck.value_dim)[flat_idx]  # (B, C*k, V)
-        fetched = fetched.view(flat_idx.shape[0], bottleneck.num_codebooks, bottleneck.top_k, -1).mean(2)
+        shape = (flat_idx.shape[0], bottleneck.num_codebooks, bottleneck.top_k, -1)
+        if weights is None:
+            fetched = fetched.view(shape).mean(2)
+        else:
+            fetched = (fetched * weights.unsqueeze(-1).to(fetched.dtype)).view(shape).sum(2)
         return self.model.decoder(fetched)
 
     @torch.no_grad()

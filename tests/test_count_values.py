@@ -175,6 +175,50 @@ def test_bad_inputs_give_clear_errors(data):
     x = data[0][:4]
     idx = strategy.model.bottleneck.flat_indices(x)
     with pytest.raises(TypeError, match="integer tensor"):
-        strategy._absorb(idx, torch.zeros(4))
+        strategy._absorb(idx, None, torch.zeros(4))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        strategy._absorb(idx, torch.tensor([0, 1, 2, 4]))
+        strategy._absorb(idx, None, torch.tensor([0, 1, 2, 4]))
+
+
+def strategy_predictions(strategy, x):
+    """Predictions through the strategy's own forward (eval mode), which applies the key weights."""
+    strategy.model.eval()
+    strategy.is_training = False
+    with torch.no_grad():
+        strategy.mbatch = (x, torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x), dtype=torch.long))
+        return strategy.forward().argmax(1)
+
+
+def test_distance_weighted_top_k_is_order_invariant_and_unlearns_exactly(data):
+    base = frozen_model(top_k=3)
+    torch.manual_seed(0)
+    forward = train_all(counting(copy.deepcopy(base), distance_temperature=0.5, train_mb_size=16), stream(data))
+    torch.manual_seed(1)
+    backward = train_all(counting(copy.deepcopy(base), distance_temperature=0.5, train_mb_size=7),
+                         stream(data, (2, 3, 0, 1)))
+    assert forward.class_weights.dtype == torch.float64
+    torch.testing.assert_close(forward.class_weights.sum(), torch.tensor(160.0 * 8 * 3, dtype=torch.float64))
+    torch.testing.assert_close(forward.class_weights, backward.class_weights, rtol=0, atol=1e-9)
+    assert torch.equal(forward.class_counts, backward.class_counts)  # selections: the uniform table
+    torch.testing.assert_close(forward.model.bottleneck.values, backward.model.bottleneck.values, rtol=0, atol=1e-6)
+
+    forward.forget_classes([2])
+    without = train_all(counting(copy.deepcopy(base), distance_temperature=0.5), stream(data, without_class=2))
+    torch.testing.assert_close(forward.class_weights, without.class_weights, rtol=0, atol=1e-9)
+    assert torch.equal(forward.model.bottleneck.usage_counts, without.model.bottleneck.usage_counts)
+    torch.testing.assert_close(forward.model.bottleneck.values, without.model.bottleneck.values, rtol=0, atol=1e-6)
+
+
+def test_distance_weights_change_counting_and_prediction(data):
+    base = frozen_model(top_k=3)
+    uniform = train_all(counting(copy.deepcopy(base)), stream(data))
+    weighted = train_all(counting(copy.deepcopy(base), distance_temperature=0.05), stream(data))
+    assert not torch.allclose(uniform.class_counts.double(), weighted.class_weights)
+    # at a very high temperature the weights are uniform: the same values as uniform top-k
+    flat = train_all(counting(copy.deepcopy(base), distance_temperature=1e9), stream(data))
+    torch.testing.assert_close(flat.class_weights, uniform.class_counts.double())
+    test_x = data[2]
+    assert torch.equal(strategy_predictions(flat, test_x), strategy_predictions(uniform, test_x))
+    assert torch.equal(strategy_predictions(uniform, test_x), predictions(uniform.model, test_x))
+    with pytest.raises(ValueError, match="distance_temperature"):
+        counting(frozen_model(), distance_temperature=0.0)
