@@ -185,7 +185,13 @@ class CountValues(SupervisedTemplate):
 
     def forward(self):
         """The minibatch's logits; evaluation searches only the used keys, as DKVB."""
-        return self._logits(*self._select(self.mb_x, only_used=not self.is_training))
+        return self.logits(self.mb_x, only_used=not self.is_training)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, only_used: bool = True) -> torch.Tensor:
+        """Logits (B, V) of model inputs ``x`` (B, ...) from the current values, with the key weights;
+        ``only_used``: search only keys used in training (evaluation, as DKVB)."""
+        return self._logits(*self._select(x.to(self.device), only_used=only_used))
 
     # -- counts ------------------------------------------------------------------------------------
     def _absorb(self, flat_idx: torch.Tensor, weights: torch.Tensor | None, labels: torch.Tensor) -> None:

@@ -39,48 +39,81 @@ MODES = ("class_incremental", "iid")
 
 @dataclass(frozen=True)
 class Setting:
-    """One DKVB configuration. ``key_init_data``: "other" (a different data set, as the paper) or
-    "own" (the stream's own unlabelled training inputs: a deviation from the class-incremental rules)."""
+    """One DKVB configuration (``key_init_epochs`` None: the run's ``--key-init-epochs``). ``key_init_data``: "other" (a different data set, as the paper), "own"
+    (the stream's own unlabelled training inputs: a deviation from the class-incremental rules) or
+    "both". ``distance_temperature``: distance-weighted top-k for count rules, as a multiple of the
+    keys' mean squared quantisation error on the key-init data (fixed before any labelled data)."""
 
     name: str
     value_rule: str = "sgd"  # "sgd" (DKVB) or a CountValues rule
     smoothing: float = 1.0  # count rules only
+    distance_temperature: float | None = None  # count rules only
     num_codebooks: int = 256
     num_keys: int = 4096
+    key_dim: int = 14
     top_k: int = 1
+    top_k_reduction: str = "sum"  # the authors'; sgd only (count rules average)
     key_init_data: str = "other"
+    key_init_method: str = "ema"
+    key_init_epochs: int | None = None
+    dead_key_rule: str = "authors"  # ema only
+    value_init: str = "zeros"  # sgd only
     lr: float = 0.3  # sgd only
     label_smoothing: float = 0.1  # sgd only
+    epochs_factor: int = 1  # sgd only: epochs = epochs_factor * --epochs
 
     @property
     def note(self) -> str:
-        return OWN_DATA_NOTE if self.key_init_data == "own" else ""
+        return OWN_DATA_NOTE if self.key_init_data in ("own", "both") else ""
+
+    @property
+    def keys_id(self) -> tuple:
+        """What the keys depend on: settings with equal ids share one key initialisation."""
+        return (self.num_codebooks, self.num_keys, self.key_dim, self.key_init_data, self.key_init_method,
+                self.key_init_epochs, self.dead_key_rule if self.key_init_method == "ema" else None)
 
 
 def _grid() -> dict[str, Setting]:
     sgd, counts = Setting("sgd"), Setting("counts", value_rule="log_posterior")
-    one_change = [
+    change = dataclasses.replace
+    settings = [
         sgd, counts,
-        dataclasses.replace(counts, name="counts smoothing 0.1", smoothing=0.1),
-        dataclasses.replace(counts, name="counts raw (no log)", value_rule="counts"),
-        dataclasses.replace(sgd, name="sgd lr 100", lr=100.0),
-        dataclasses.replace(sgd, name="sgd lr 10000", lr=1e4),
-        dataclasses.replace(sgd, name="sgd label smoothing 0", label_smoothing=0.0),
+        change(counts, name="counts smoothing 0.1", smoothing=0.1),
+        change(counts, name="counts raw (no log)", value_rule="counts"),
+        change(sgd, name="sgd lr 100", lr=100.0),
+        change(sgd, name="sgd lr 10000", lr=1e4),
+        change(sgd, name="sgd label smoothing 0", label_smoothing=0.0),
+        change(sgd, name="sgd values init normal", value_init="normal"),
+        change(sgd, name="sgd 10x epochs", epochs_factor=10),
+        change(sgd, name="sgd top-k 4 mean", top_k=4, top_k_reduction="mean"),
     ]
-    for base in (sgd, counts):
-        one_change += [
-            dataclasses.replace(base, name=f"{base.name} top-k 4", top_k=4),
-            dataclasses.replace(base, name=f"{base.name} C 64", num_codebooks=64),
-            dataclasses.replace(base, name=f"{base.name} K 256", num_keys=256),
-            dataclasses.replace(base, name=f"{base.name} own-data keys", key_init_data="own"),
+    for base in (sgd, change(counts, smoothing=0.1)):
+        label = "sgd" if base.value_rule == "sgd" else "counts 0.1"
+        settings += [
+            change(base, name=f"{label} top-k 4", top_k=4),
+            change(base, name=f"{label} C 64", num_codebooks=64),
+            change(base, name=f"{label} K 256", num_keys=256),
+            change(base, name=f"{label} d_key 8", key_dim=8),
+            change(base, name=f"{label} d_key 32", key_dim=32),
+            change(base, name=f"{label} k-means keys", key_init_method="kmeans", key_init_epochs=2),
+            change(base, name=f"{label} dead keys reset (ours)", dead_key_rule="reset"),
+            change(base, name=f"{label} key init 1 epoch", key_init_epochs=1),
+            change(base, name=f"{label} own-data keys", key_init_data="own"),
+            change(base, name=f"{label} keys on both", key_init_data="both"),
+            change(base, name=f"{label} C 1024", num_codebooks=1024),
         ]
-    one_change += [dataclasses.replace(counts, name="counts C 1024", num_codebooks=1024),
-                   dataclasses.replace(sgd, name="sgd C 1024", num_codebooks=1024)]
-    return {s.name: s for s in one_change}
+    counts01 = change(counts, smoothing=0.1)
+    settings += [
+        change(counts01, name="counts 0.1 top-k 4 distance-weighted", top_k=4, distance_temperature=0.5),
+        change(counts01, name="counts 0.1 top-k 16 distance-weighted", top_k=16, distance_temperature=0.5),
+        change(counts01, name="counts 0.1 C 1024 top-k 4", num_codebooks=1024, top_k=4),
+    ]
+    return {s.name: s for s in settings}
 
 
 GRID = _grid()
-DEFAULT_SETTINGS = [name for name in GRID if "C 1024" not in name]  # C 1024: 4x the key-init time
+EXPENSIVE = ("C 1024", "10x epochs")  # 4x the key-init time, 10x the training time
+DEFAULT_SETTINGS = [name for name in GRID if not any(part in name for part in EXPENSIVE)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", default="split_cifar10_jpeg", choices=sorted(BENCHMARKS))
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
-                        help=f"comma-separated setting names (default: all but C 1024); all: {', '.join(GRID)}")
+                        help=f"comma-separated setting names (default: all but {' and '.join(EXPENSIVE)}); all: {', '.join(GRID)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (class order, key init, shuffling)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--encoder", default="tf_efficientnet_lite0")
@@ -124,48 +157,65 @@ def _embeddings(args, image_set: str, split: str, per_class: int | None):
     return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
 
 
-def class_balanced_accuracy(model, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
-    """Mean over classes of the accuracy on (N, D) inputs ``x`` with labels ``y``, eval mode."""
-    model.eval()
+def class_balanced_accuracy(predict, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes of the accuracy of ``predict`` (inputs (B, D) -> logits (B, V)) on ``x``, ``y``."""
     with torch.no_grad():
-        pred = torch.cat([model(batch).argmax(1) for batch in x.split(1024)])
+        pred = torch.cat([predict(batch).argmax(1) for batch in x.split(1024)])
     return float(np.mean([(pred[y == c] == c).float().mean().item() for c in range(num_classes)]))
 
 
+def predictor(strategy):
+    """Eval-mode logits of the trained strategy: CountValues' own (it applies its key weights), else the model's."""
+    if isinstance(strategy, CountValues):
+        return strategy.logits
+    strategy.model.eval()
+    return strategy.model
+
+
 class KeyBank:
-    """Models with initialised, frozen keys, one per (C, K, key-init data, seed), built on first use."""
+    """Models with initialised, frozen keys, one key initialisation per (``Setting.keys_id``, seed),
+    built on first use; also each one's mean squared quantisation error on the key-init data."""
 
     def __init__(self, input_dim: int, num_classes: int, data: dict[str, torch.Tensor], key_init_epochs: int):
         self.input_dim, self.num_classes, self.data, self.epochs = input_dim, num_classes, data, key_init_epochs
-        self.states: dict[tuple, dict] = {}
+        self.states: dict[tuple, tuple[dict, float]] = {}
 
     def model(self, setting: Setting, seed: int):
-        key = (setting.num_codebooks, setting.num_keys, setting.key_init_data, seed)
+        """(model, quantisation error): the setting's model with its keys initialised and frozen."""
+        key = (*setting.keys_id, seed)
         model = create_dkvb_model(self.input_dim, self.num_classes, num_codebooks=setting.num_codebooks,
-                                  num_keys=setting.num_keys, top_k=setting.top_k,
+                                  num_keys=setting.num_keys, key_dim=setting.key_dim, top_k=setting.top_k,
+                                  top_k_reduction=setting.top_k_reduction, value_init=setting.value_init,
                                   generator=torch.Generator().manual_seed(seed))
         if key not in self.states:
             start = time.perf_counter()
-            init_keys(model.bottleneck, self.data[setting.key_init_data], "ema", epochs=self.epochs,
-                      generator=torch.Generator().manual_seed(seed))
+            data = self.data[setting.key_init_data]
+            options = {"dead_key_rule": setting.dead_key_rule} if setting.key_init_method == "ema" else {}
+            init_keys(model.bottleneck, data, setting.key_init_method, epochs=setting.key_init_epochs or self.epochs,
+                      generator=torch.Generator().manual_seed(seed), **options)
             model.bottleneck.freeze_keys()
-            self.states[key] = {k: v.clone() for k, v in model.state_dict().items()}
-            print(f"  keys C {key[0]} K {key[1]} on {key[2]} data, seed {seed}: "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
-        model.load_state_dict(self.states[key])
-        return model
+            error = float(model.bottleneck.quantization_error(data))
+            self.states[key] = ({k: v.clone() for k, v in model.state_dict().items()}, error)
+            print(f"  keys {key}: {time.perf_counter() - start:.0f} s, quantisation error {error:.3f}", flush=True)
+        state, error = self.states[key]
+        model.load_state_dict(state)
+        return model, error
 
 
-def train(setting: Setting, model, benchmark, epochs: int):
+def train(setting: Setting, model, quantisation_error: float, benchmark, epochs: int):
+    """Train ``model`` on the stream; returns the strategy (its ``predict`` gives eval-mode labels)."""
     quiet = EvaluationPlugin(loggers=[])
     if setting.value_rule == "sgd":
-        strategy = DKVB(model=model, lr=setting.lr, label_smoothing=setting.label_smoothing, train_epochs=epochs,
-                        fast_path="eager", evaluator=quiet)
+        strategy = DKVB(model=model, lr=setting.lr, label_smoothing=setting.label_smoothing,
+                        train_epochs=setting.epochs_factor * epochs, fast_path="eager", evaluator=quiet)
     else:
+        temperature = setting.distance_temperature
         strategy = CountValues(model=model, value_rule=setting.value_rule, smoothing=setting.smoothing,
+                               distance_temperature=None if temperature is None else temperature * quantisation_error,
                                evaluator=quiet)
     for experience in benchmark.train_stream:
         strategy.train(experience)
+    return strategy
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -235,6 +285,25 @@ def load_finished(out: Path, context: dict) -> pd.DataFrame:
     return pd.read_csv(out / "results.csv")
 
 
+def setting_json(setting: Setting) -> str:
+    return json.dumps(dataclasses.asdict(setting), sort_keys=True)
+
+
+def is_finished(results: pd.DataFrame, setting: Setting, seed: int, mode: str) -> bool:
+    """Whether ``results`` holds this (setting, seed, mode); ValueError if its row was made with another
+    definition of the setting (the grid changed since), so a resumed table never mixes the two."""
+    if not len(results):
+        return False
+    rows = results[(results.setting == setting.name) & (results.seed == seed) & (results["mode"] == mode)]
+    if not len(rows):
+        return False
+    if (rows.setting_json != setting_json(setting)).any():
+        raise ValueError(f"The finished row of setting {setting.name!r} (seed {seed}, {mode}) was made with "
+                         f"another definition of it ({rows.setting_json.iloc[0]}); expected "
+                         f"{setting_json(setting)}. Use another --out.")
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -248,7 +317,8 @@ def main(argv=None) -> int:
     test_x, test_y = _embeddings(args, spec.image_set, "test", None)
     other_x, _ = _embeddings(args, spec.key_init_set, "train", args.key_init_per_class)
     num_classes = int(train_y.max()) + 1
-    keys = KeyBank(train_x.shape[1], num_classes, {"other": other_x, "own": train_x}, args.key_init_epochs)
+    keys = KeyBank(train_x.shape[1], num_classes, {"other": other_x, "own": train_x,
+                                                   "both": torch.cat([other_x, train_x])}, args.key_init_epochs)
     command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
     print(f"[ablate] {command}\n  train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
           f"key init {tuple(other_x.shape)} ({spec.key_init_set})", flush=True)
@@ -257,20 +327,20 @@ def main(argv=None) -> int:
                        train_x, train_y, test_x, test_y, context["experiences"], seed=seed),
                    "iid": make_class_incremental_benchmark(train_x, train_y, test_x, test_y, 1, seed=seed)}
         for name in args.settings:
+            setting = GRID[name]
             for mode in MODES:
-                if len(results) and ((results.setting == name) & (results.seed == seed)
-                                     & (results["mode"] == mode)).any():
+                if is_finished(results, setting, seed, mode):
                     continue
-                setting = GRID[name]
-                model = keys.model(setting, seed)
+                model, quantisation_error = keys.model(setting, seed)
                 torch.manual_seed(seed)
                 start = time.perf_counter()
-                train(setting, model, streams[mode], args.epochs)
+                strategy = train(setting, model, quantisation_error, streams[mode], args.epochs)
                 seconds = time.perf_counter() - start
-                accuracy = class_balanced_accuracy(model, test_x, test_y, num_classes)
+                accuracy = class_balanced_accuracy(predictor(strategy), test_x, test_y, num_classes)
                 print(f"  {name} [{mode}] seed {seed}: {100 * accuracy:.2f} % ({seconds:.0f} s)", flush=True)
                 row = {"setting": name, "seed": seed, "mode": mode, "final_accuracy": accuracy,
-                       "train_seconds": seconds, **dataclasses.asdict(setting), "note": setting.note}
+                       "train_seconds": seconds, **dataclasses.asdict(setting), "note": setting.note,
+                       "setting_json": setting_json(setting)}
                 del row["name"]
                 results = pd.concat([results, pd.DataFrame([row])], ignore_index=True)
                 write_outputs(args.out, results, context)

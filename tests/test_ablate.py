@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import ablate
 
-SETTINGS = "counts,sgd K 256,counts own-data keys"
+SETTINGS = "counts,sgd K 256,counts 0.1 own-data keys,counts 0.1 top-k 4 distance-weighted"
 
 
 @pytest.fixture
@@ -38,12 +38,12 @@ def test_ablation_rows_resume_and_outputs(tmp_path, fake_embeddings, small_grid,
     argv = ["--settings", SETTINGS, "--out", str(tmp_path), "--epochs", "2", "--key-init-epochs", "1"]
     assert ablate.main(argv) == 0
     results = pd.read_csv(tmp_path / "results.csv")
-    assert len(results) == 3 * 2 and set(results["mode"]) == {"class_incremental", "iid"}
+    assert len(results) == 4 * 2 and set(results["mode"]) == {"class_incremental", "iid"}
     assert results.final_accuracy.between(0, 1).all()
-    own = results[results.setting == "counts own-data keys"]
+    own = results[results.setting == "counts 0.1 own-data keys"]
     assert (own.note == ablate.OWN_DATA_NOTE).all() and results[results.setting == "counts"].note.isna().all()
     summary = (tmp_path / "summary.md").read_text()
-    assert "deviation" in summary and summary.count("\n") == 2 + 3
+    assert "deviation" in summary and summary.count("\n") == 2 + 4
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
     capsys.readouterr()
@@ -51,6 +51,15 @@ def test_ablation_rows_resume_and_outputs(tmp_path, fake_embeddings, small_grid,
     assert "[class_incremental]" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="other settings"):
         ablate.main(argv[:-2] + ["--key-init-epochs", "2"])
+
+
+
+def test_resume_refuses_a_changed_setting_definition(tmp_path, fake_embeddings, small_grid, monkeypatch):
+    argv = ["--settings", "counts", "--out", str(tmp_path), "--epochs", "2", "--key-init-epochs", "1"]
+    assert ablate.main(argv) == 0
+    monkeypatch.setitem(ablate.GRID, "counts", dataclasses.replace(ablate.GRID["counts"], smoothing=0.5))
+    with pytest.raises(ValueError, match="another definition"):
+        ablate.main(argv)
 
 
 def test_unknown_setting_is_refused(tmp_path):
