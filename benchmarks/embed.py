@@ -10,8 +10,8 @@ import torch
 
 from avalanche_dkvb.data import IMAGE_SETS
 from avalanche_dkvb.embeddings.pipeline import cached_embeddings
-from avalanche_dkvb.encoders import list_encoders
-from avalanche_dkvb.validation import check_positive_int
+from avalanche_dkvb.encoders import BACKENDS, check_backend_settings, list_encoders
+from avalanche_dkvb.validation import check_non_negative_int, check_positive_int
 from benchmarks import cli, paths
 
 
@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader processes decoding and resizing images")
+    p.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}: 'auto' = OpenVINO on the CPU "
+                   "where installed (same embeddings within 1e-4), else eager PyTorch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = p.parse_args(argv)
     image_sets, splits = args.image_sets.split(","), args.splits.split(",")
     p.check(lambda: _check_choices("--encoder", [args.encoder], list_encoders(), many=False),
@@ -43,7 +47,9 @@ def main(argv=None) -> int:
             lambda: _check_choices("--splits", splits, ("train", "test")),
             *(lambda name=name: check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
               for name in ("batch_size", "threads", "image_size", "train_per_class")
-              if getattr(args, name) is not None))
+              if getattr(args, name) is not None),
+            lambda: check_non_negative_int("--num-workers", args.num_workers),
+            lambda: check_backend_settings(args.backend, args.device, args.threads))
     torch.set_num_threads(args.threads)
     weights = None if args.weights == "none" else args.weights
     for image_set in image_sets:
@@ -54,6 +60,8 @@ def main(argv=None) -> int:
                                            cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
                                            download=args.download,
                                            image_size=args.image_size, batch_size=args.batch_size,
+                                           num_workers=args.num_workers, backend=args.backend,
+                                           device=args.device, threads=args.threads,
                                            per_class=args.train_per_class if split == "train" else None)
             except Exception as error:
                 return cli.report(p.prog, error, args.debug, cli.RUN_ERROR)

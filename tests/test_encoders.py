@@ -1,8 +1,10 @@
 """Tests of the encoder registry: shapes, errors, checkpoint loading, offline EfficientNet-Lite weights."""
 
 import dataclasses
+import importlib.util
 import io
 import json
+import sys
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -13,12 +15,17 @@ import torch
 from PIL import Image
 
 from avalanche_dkvb.encoders import (
+    EXACT_TOLERANCE,
+    BackendUnavailableError,
     WeightsUnavailableError,
     create_encoder,
     create_network,
     get_encoder_spec,
+    inference_encoder,
     list_encoders,
+    max_relative_error,
     register_encoder,
+    resolve_device,
 )
 from avalanche_dkvb.encoders.efficientnet_lite import convert_efficientnet_pytorch, packaged_checkpoint
 from avalanche_dkvb.encoders.resnet_wide import ResNet50W
@@ -255,3 +262,106 @@ def test_offline_efficientnet_lite_weights_classify_real_images(variant, cifar_i
     ]
     recognised = len(cifar_images) - len(missed)
     assert recognised >= MIN_RECOGNISED, f"not recognised (top-5 ImageNet classes): {missed}"
+
+
+# --- inference backends -------------------------------------------------------------------------------
+
+
+def _random_lite0() -> tuple:
+    """Random-init tf_efficientnet_lite0 (seeded) and 3 images at 64 px: (encoder, (3, 3, 64, 64))."""
+    torch.manual_seed(0)
+    encoder = create_encoder("tf_efficientnet_lite0", weights=None)
+    return encoder, torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_openvino_backend_matches_eager_within_tolerance():
+    pytest.importorskip("openvino")
+    encoder, images = _random_lite0()
+    fast = inference_encoder(encoder, "openvino", threads=2)
+    before = images.clone()
+    with torch.inference_mode():
+        expected = encoder(images)
+        got = fast(images)  # 2 streams share the batch
+        single = fast(images[:1])  # fewer images than streams, same compiled size
+        other_size = fast(images[:2, :, :48, :48])  # a new size compiles and checks again
+        expected_other = encoder(images[:2, :, :48, :48])
+    assert got.shape == (3, 1280) and got.dtype == torch.float32
+    assert max_relative_error(got, expected) <= EXACT_TOLERANCE
+    assert max_relative_error(single, expected[:1]) <= EXACT_TOLERANCE
+    assert max_relative_error(other_size, expected_other) <= EXACT_TOLERANCE
+    assert max_relative_error(got, expected) > 0  # really another engine, not the eager module
+    assert torch.equal(images, before)  # OpenVINO must not write into the caller's images
+
+
+def test_auto_backend_is_openvino_on_cpu_and_eager_without_it(monkeypatch):
+    encoder, images = _random_lite0()
+    if importlib.util.find_spec("openvino") is not None:
+        assert inference_encoder(encoder, "auto").backend == "openvino"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    assert inference_encoder(encoder, "auto") is encoder
+    with pytest.raises(BackendUnavailableError, match="pip install openvino"):
+        inference_encoder(encoder, "openvino")
+
+
+def test_auto_backend_falls_back_to_eager_when_results_differ():
+    pytest.importorskip("openvino")
+    encoder, images = _random_lite0()
+    auto = inference_encoder(encoder, "auto")
+    auto.fast.tolerance = 0.0  # no engine is bit-exact: the self-check must refuse it
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="max relative error .* falling back"):
+        got = auto(images)
+    assert auto.backend == "eager"
+    with torch.inference_mode():
+        torch.testing.assert_close(got, encoder(images), rtol=0, atol=0)
+
+
+def test_auto_backend_falls_back_when_conversion_fails(monkeypatch):
+    openvino = pytest.importorskip("openvino")
+    encoder, images = _random_lite0()
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("op not supported")
+
+    monkeypatch.setattr(openvino, "convert_model", unsupported)
+    auto = inference_encoder(encoder, "auto")
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="could not convert .*op not supported"):
+        auto(images)
+    assert auto.backend == "eager"
+    with pytest.raises(BackendUnavailableError, match="could not convert"), torch.inference_mode():
+        inference_encoder(encoder, "openvino")(images)
+
+
+@pytest.mark.parametrize("backend, device, threads, match", [
+    ("tensorrt", "cpu", None, "backend must be one of auto, eager, openvino"),
+    ("eager", "tpu", None, "device must be 'auto', 'cpu'"),
+    ("auto", "cpu", 0, "threads"),
+])
+def test_backend_settings_are_checked(backend, device, threads, match):
+    encoder, _ = _random_lite0()
+    with pytest.raises(ValueError, match=match):
+        inference_encoder(encoder, backend, device, threads)
+    with pytest.raises(TypeError, match="Encoder"):
+        inference_encoder(torch.nn.Identity(), "eager")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu():
+    from avalanche_dkvb.embeddings import extract_embeddings
+
+    encoder, images = _random_lite0()
+    with torch.inference_mode():
+        expected = encoder(images)
+    assert resolve_device("auto").type == "cuda"
+    with pytest.raises(ValueError, match="CPU only"):
+        inference_encoder(encoder, "openvino", "cuda")
+    on_cuda = inference_encoder(encoder, "auto", "cuda")
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(3))
+    result = extract_embeddings(on_cuda, dataset, batch_size=2, progress=False)
+    assert max_relative_error(torch.from_numpy(result.embeddings), expected) <= EXACT_TOLERANCE

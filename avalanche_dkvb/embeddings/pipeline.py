@@ -11,7 +11,7 @@ from torch.utils.data import Subset
 from avalanche_dkvb.data import load_image_set
 from avalanche_dkvb.embeddings.cache import CachedEmbeddings, EmbeddingCache
 from avalanche_dkvb.embeddings.extract import extract_embeddings
-from avalanche_dkvb.encoders import create_encoder, get_encoder_spec
+from avalanche_dkvb.encoders import check_backend_settings, create_encoder, get_encoder_spec, inference_encoder
 from avalanche_dkvb.locations import default_cache_root
 from avalanche_dkvb.validation import check_non_negative_int, check_positive_int
 
@@ -30,6 +30,9 @@ def cached_embeddings(
     per_class: int | None = None,
     batch_size: int = 128,
     num_workers: int = 1,
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
 ) -> CachedEmbeddings:
     """Embeddings (N, D) and labels (N,) of ``image_set``'s ``split`` under ``encoder``, computed
     once and then read from ``cache_root``; the cache key covers encoder, weights, preprocessing
@@ -38,14 +41,18 @@ def cached_embeddings(
     ``image_size`` overrides the encoder's input resolution (a cheaper, documented deviation from
     its pretrained configuration); ``per_class`` keeps only the first that many samples of each
     class, in the data set's order. ``data_root`` and ``archive_dir`` are ``load_image_set``'s
-    ``root`` and ``archive_dir``; ``cache_root`` defaults to ``default_cache_root()``. The sizes are
-    checked before any data is read.
+    ``root`` and ``archive_dir``; ``cache_root`` defaults to ``default_cache_root()``. ``backend``
+    (one of ``encoders.BACKENDS``), ``device`` ("cpu", "cuda", "auto") and ``threads`` go to
+    ``inference_encoder``; every backend gives the eager float32 embeddings within its tolerance, so
+    they are not part of the key. ``num_workers`` DataLoader processes decode and resize the images.
+    The settings are checked before any data is read.
     """
     for name, value in (("image_size", image_size), ("per_class", per_class)):
         if value is not None:
             check_positive_int(name, value)
     check_positive_int("batch_size", batch_size)
     check_non_negative_int("num_workers", num_workers)
+    check_backend_settings(backend, device, threads)
     spec = get_encoder_spec(encoder)
     if image_size is not None:
         spec = dataclasses.replace(spec, input_size=image_size)
@@ -57,7 +64,8 @@ def cached_embeddings(
     key = EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": per_class})
 
     def compute():
-        return extract_embeddings(create_encoder(encoder, weights), dataset, batch_size=batch_size,
+        model = inference_encoder(create_encoder(encoder, weights), backend, device, threads)
+        return extract_embeddings(model, dataset, batch_size=batch_size,
                                   num_workers=num_workers, desc=f"{encoder} {image_set}/{split}")
 
     return EmbeddingCache(default_cache_root() if cache_root is None else cache_root).get_or_compute(key, compute)
