@@ -1,7 +1,9 @@
 """Put results tables into the README from runs' outputs: ``python -m benchmarks.readme``.
 
 Each block ``<!-- results:DIR -->`` ... ``<!-- /results:DIR -->`` in README.md is replaced by
-``DIR/summary.md`` and the command and wall-clock time recorded in ``DIR/run.json``.
+``DIR/summary.md`` and the command and wall-clock time recorded in ``DIR/run.json``; each block
+``<!-- speed:DIR -->`` ... ``<!-- /speed:DIR -->`` by the table :func:`render_speed` makes of
+``DIR/speed.json`` (written by ``python -m benchmarks.speed --out DIR``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 from avalanche_dkvb.atomic_files import atomic_write_text
 
-BLOCK = re.compile(r"(<!-- results:(?P<dir>[^ ]+) -->\n).*?(<!-- /results:(?P=dir) -->)", re.DOTALL)
+BLOCK = re.compile(r"(<!-- (?P<kind>results|speed):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)", re.DOTALL)
+NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",)}
 
 
 def render(run_dir: Path) -> str:
@@ -28,14 +31,53 @@ def render(run_dir: Path) -> str:
     return f"Command: `{info['command']}` ({', '.join(facts)}).\n\n" + (run_dir / "summary.md").read_text()
 
 
+def render_speed(speed: dict) -> str:
+    """Markdown table of one ``speed.json`` (a dict): each stage, the project's figure, the in-run
+    baseline and the ratio, under the command, threads, device and versions that produced it."""
+    sizes, versions = speed["sizes"], speed["versions"]
+    engines = ", ".join(f"{name} {version.split('-')[0]}" for name, version in sorted(versions.items()) if version)
+    lines = [f"Command: `{speed['command']}` ({speed['threads']} torch thread(s), fast path "
+             f"{speed['fast_path_threads']}, device {speed['device']}, {speed['cpu_count']} CPUs, "
+             f"wall-clock {speed['wall_clock_seconds']:.0f} s, finished {speed['finished']}; {engines}).", "",
+             "| stage | this project | in-run baseline | ratio |", "|---|---|---|---|"]
+    if "extraction_images_per_s" in speed:
+        lines += [
+            f"| extraction, {speed['encoder']} at {sizes['image_size']} px, batch {sizes['batch_size']}, "
+            f"{sizes['extract_images']} {speed['image_set']} images (backend {speed['extraction_backend']}) "
+            f"| {speed['extraction_images_per_s']:.1f} img/s | plain eager timm fp32: "
+            f"{speed['extraction_eager_images_per_s']:.1f} img/s | {speed['extraction_speedup']:.2f}x "
+            f"(max rel. error {speed['extraction_max_rel_error']:.1e}) |",
+            f"| image decoding and resizing alone ({sizes['num_workers']} DataLoader worker(s)) "
+            f"| {speed['decode_images_per_s']:.0f} img/s | | |",
+        ]
+    scale = (f"C {sizes['num_codebooks']}, K {sizes['num_keys']}, d_key {sizes['key_dim']}, "
+             f"batch {sizes['train_batch']}, {sizes['num_classes']} classes")
+    lines += [
+        f"| DKVB fast training step ({scale}) | {speed['fast_step_ms']:.3f} ms | generic autograd step: "
+        f"{speed['generic_step_ms']:.1f} ms | {speed['fast_step_speedup']:.0f}x |",
+        f"| EMA key initialisation, one epoch over 10,000 embeddings (measured on "
+        f"{sizes['key_init_embeddings']:,}) | {speed['key_init_s_per_epoch_10k']:.1f} s | | |",
+        f"| evaluation of 10,000 embeddings, masked search (measured on {sizes['eval_embeddings']:,}) "
+        f"| {speed['eval_s_per_10k']:.2f} s | | |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _render_block(kind: str, folder: Path) -> str:
+    if kind == "speed":
+        return render_speed(json.loads((folder / "speed.json").read_text()))
+    return render(folder)
+
+
 def main(readme: Path = Path("README.md")) -> int:
     text = readme.read_text()
     missing = [m["dir"] for m in BLOCK.finditer(text)
-               if not all((Path(m["dir"]) / name).exists() for name in ("run.json", "summary.md"))]
+               if not all((Path(m["dir"]) / name).exists() for name in NEEDS[m["kind"]])]
     if missing:
-        print(f"No finished run in {missing} (expected run.json and summary.md there).", file=sys.stderr)
+        print(f"No finished run in {missing} (expected run.json and summary.md, or speed.json, there).",
+              file=sys.stderr)
         return 1
-    atomic_write_text(readme, BLOCK.sub(lambda m: m[1] + render(Path(m["dir"])) + m[3], text))
+    atomic_write_text(readme, BLOCK.sub(lambda m: m[1] + _render_block(m["kind"], Path(m["dir"])) + m[4], text))
     return 0
 
 

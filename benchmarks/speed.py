@@ -1,24 +1,60 @@
-"""Paper-scale speed of DKVB training through the Avalanche strategy: ``python -m benchmarks.speed``.
+"""Speed of every stage, with its in-run baselines, into ``speed.json``: ``python -m benchmarks.speed``.
 
-The authors' CIFAR-10 protocol: C 256 codebooks x K 4096 keys, d_key 14, batch 256, 5 experiences
-x 10,000 embeddings x 2000 epochs, SGD lr 0.3. Embeddings are stand-ins (Gaussian class clusters of
-the given size) since only the time is measured here; once the embeddings exist the time does not
-depend on where they came from. Reports: key-initialisation time, the fast path's time for the whole
-protocol, and the generic (autograd) path's median time per step, measured in the same process.
+One run measures, in this order and in the same process (so the ratios hold on a shared machine):
+
+* extraction of real CIFAR-10 (JPEG copy) test images at ``--image-size`` through the project's path
+  (``inference_encoder`` with ``--backend``, DataLoader decoding) and through plain eager timm fp32 (the
+  same network in NCHW, same loader, batch and threads); the passes alternate ``--extract-repeats``
+  times (medians), the embeddings are compared, and decoding alone is timed;
+* EMA key initialisation (``ema_init_keys``, one epoch), evaluation (the model's eval-mode forward, with
+  the masked search) and the DKVB strategy's fast training step at the paper's scale (C 256, K 4096,
+  d_key 14, batch 256), on stand-in embeddings (Gaussian class clusters), and the generic autograd step.
+
+The fast step is the time of ``DKVB.train`` over ``--epochs + 1`` epochs minus that over 1 epoch, per
+step: the once-per-experience index computation is left out. ``--quick`` shrinks every size so the whole
+run takes a few minutes on 2 cores. ``benchmarks.readme`` renders the README's table from the file.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import os
+import platform
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from avalanche_dkvb import DKVB, create_dkvb_model, ema_init_keys
+from avalanche_dkvb.atomic_files import atomic_write_text
+from avalanche_dkvb.data import load_image_set
 from avalanche_dkvb.data.streams import make_class_incremental_benchmark
-from avalanche_dkvb.validation import check_positive_int
-from benchmarks import cli
+from avalanche_dkvb.embeddings import extract_embeddings
+from avalanche_dkvb.strategy import FAST_PATH_MODES
+from avalanche_dkvb.encoders import (
+    BACKENDS,
+    check_backend_settings,
+    create_encoder,
+    get_encoder_spec,
+    inference_encoder,
+    max_relative_error,
+)
+from avalanche_dkvb.validation import check_non_negative_int, check_positive_int
+from benchmarks import cli, paths
 from benchmarks.runner import make_evaluator
+
+QUICK = {"extract_images": 256, "extract_repeats": 1, "experiences": 5, "per_experience": 5120, "epochs": 10,
+         "generic_steps": 3, "key_init_embeddings": 2000, "eval_embeddings": 2000}
+FULL = {"extract_images": 1000, "extract_repeats": 3, "experiences": 5, "per_experience": 10_000, "epochs": 20,
+        "generic_steps": 10, "key_init_embeddings": 10_000, "eval_embeddings": 10_000}
+SIZES = tuple(QUICK)
 
 
 def synthetic_embeddings(n: int, dim: int, num_classes: int, seed: int):
@@ -30,63 +66,210 @@ def synthetic_embeddings(n: int, dim: int, num_classes: int, seed: int):
     return centres[y] + 0.5 * torch.randn(n, dim, generator=g), y
 
 
-def main(argv=None) -> None:
-    p = cli.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
-    p.add_argument("--epochs", type=int, default=2000)
-    p.add_argument("--experiences", type=int, default=5)
-    p.add_argument("--per-experience", type=int, default=10_000)
-    p.add_argument("--embed-dim", type=int, default=1280)
-    p.add_argument("--generic-steps", type=int, default=10, help="steps timed on the generic path")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    p.check(*(lambda name=name: check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
-              for name in ("epochs", "experiences", "per_experience", "embed_dim", "generic_steps", "threads")))
-    torch.set_num_threads(args.threads)
+def measure_extraction(args, device: torch.device) -> dict:
+    """Images/s of the project's extraction and of plain eager timm fp32 on the same images and loader."""
+    spec = get_encoder_spec(args.encoder)
+    spec = dataclasses.replace(spec, input_size=args.image_size)
+    images = load_image_set(args.image_set, "test", root=args.data_root, transform=spec.transform())
+    if args.extract_images > len(images.dataset):
+        raise ValueError(f"--extract-images {args.extract_images} is more than the {len(images.dataset)} images of "
+                         f"{args.image_set}/test.")
+    dataset = Subset(images.dataset, np.linspace(0, len(images.dataset) - 1, args.extract_images).astype(int).tolist())
+    weights = None if args.weights == "none" else args.weights
+    start = time.perf_counter()
+    encoder = create_encoder(args.encoder, weights)
+    plain = copy.deepcopy(encoder.body).to(device, memory_format=torch.contiguous_format)  # timm's own, NCHW
+    fast = inference_encoder(encoder, args.backend, device, args.threads)
+    warm = torch.stack([dataset[i][0] for i in range(min(args.batch_size, len(dataset)))]).to(device)
+    with torch.inference_mode():
+        fast(warm)  # converts and compiles (per image size), checks against eager
+        plain(warm)
+    setup_s = time.perf_counter() - start
+
+    def run(model):
+        return extract_embeddings(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  progress=not args.no_progress)
+
+    timings: dict[str, list[float]] = {"fast": [], "eager": []}
+    results = {}
+    for _ in range(args.extract_repeats):  # alternate, so both see the same machine load
+        for name, model in (("fast", fast), ("eager", plain)):
+            results[name] = run(model)
+            timings[name].append(results[name].images_per_second)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    decode_s = time.perf_counter() - start
+    fast_rate, eager_rate = statistics.median(timings["fast"]), statistics.median(timings["eager"])
+    return {
+        "extraction_images_per_s": fast_rate,
+        "extraction_eager_images_per_s": eager_rate,
+        "extraction_speedup": fast_rate / eager_rate,
+        "extraction_backend": getattr(fast, "backend", "eager"),
+        "extraction_max_rel_error": max_relative_error(torch.from_numpy(results["fast"].embeddings),
+                                                       torch.from_numpy(results["eager"].embeddings)),
+        "extraction_setup_s": setup_s,
+        "decode_images_per_s": len(dataset) / decode_s,
+    }
+
+
+def measure_bottleneck(args, device: torch.device) -> dict:
+    """Key init, evaluation, fast and generic step times at the paper's scale on stand-in embeddings."""
     cli.hide_avalanche_deprecations()
     num_classes = 2 * args.experiences
     n = args.experiences * args.per_experience
     train_x, train_y = synthetic_embeddings(n, args.embed_dim, num_classes, seed=0)
-    test_x, test_y = synthetic_embeddings(n // 5, args.embed_dim, num_classes, seed=1)
+    test_x, test_y = synthetic_embeddings(args.eval_embeddings, args.embed_dim, num_classes, seed=1)
+    init_x = synthetic_embeddings(args.key_init_embeddings, args.embed_dim, num_classes, seed=2)[0]
     benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y, args.experiences, seed=0)
 
     torch.manual_seed(0)
-    model = create_dkvb_model(args.embed_dim, num_classes)
+    model = create_dkvb_model(args.embed_dim, num_classes, num_codebooks=args.num_codebooks,
+                              num_keys=args.num_keys).to(device)
     start = time.perf_counter()
-    ema_init_keys(model.bottleneck, synthetic_embeddings(10_000, args.embed_dim, num_classes, seed=2)[0], epochs=1)
+    ema_init_keys(model.bottleneck, init_x.to(device), epochs=1)
+    key_init_s = time.perf_counter() - start
     model.bottleneck.freeze_keys()
-    print(f"key init (EMA, 1 epoch of 10,000 embeddings): {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"key init: 1 epoch of {len(init_x)} embeddings in {key_init_s:.1f} s", flush=True)
 
-    strategy = DKVB(model=model, train_epochs=args.epochs, evaluator=make_evaluator([]), fast_path_threads=1)
-    start = time.perf_counter()
-    for i, experience in enumerate(benchmark.train_stream):
+    experience = benchmark.train_stream[0]
+    steps_per_epoch = -(-len(experience.dataset) // 256)
+    train_s = {}
+    for epochs in (0, 1, 1 + args.epochs):  # 0: a 1-epoch warm-up (compiles the fast path's kernels)
+        trained = copy.deepcopy(model)
+        strategy = DKVB(model=trained, train_epochs=max(epochs, 1), evaluator=make_evaluator([]), device=device,
+                        fast_path=args.fast_path, fast_path_threads=args.fast_path_threads)
+        start = time.perf_counter()
         strategy.train(experience)
-        print(f"fast path: experience {i + 1}/{args.experiences} done at {time.perf_counter() - start:.1f} s",
-              flush=True)
-    fast_seconds = time.perf_counter() - start
-    steps = args.experiences * args.epochs * -(-args.per_experience // 256)
-    eval_start = time.perf_counter()
-    accuracy = strategy.eval(benchmark.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
-    print(f"fast path: {steps} steps in {fast_seconds:.1f} s ({1e3 * fast_seconds / steps:.3f} ms/step, "
-          f"including index computation); eval of {len(test_y)} test embeddings "
-          f"{time.perf_counter() - eval_start:.1f} s, accuracy {accuracy:.3f}")
+        train_s[epochs] = time.perf_counter() - start
+    fast_step_s = (train_s[1 + args.epochs] - train_s[1]) / (args.epochs * steps_per_epoch)
+    print(f"fast step: {1e3 * fast_step_s:.3f} ms ({args.epochs} epochs x {steps_per_epoch} steps)", flush=True)
+
+    trained.eval()  # keys used in training: the eval forward searches only those (masked)
+    eval_times = []
+    with torch.inference_mode():
+        for _ in range(2):  # the first pass warms up
+            start = time.perf_counter()
+            for x in test_x.to(device).split(1024):
+                trained(x)
+            _synchronize(device)
+            eval_times.append(time.perf_counter() - start)
+    eval_s = eval_times[-1]
 
     # One generic step, as Avalanche's loop runs it (minus data loading): lookup, autograd, clip, SGD.
-    optimizer = torch.optim.SGD([model.bottleneck.values], lr=0.3)
+    generic = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD([generic.bottleneck.values], lr=0.3)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    model.train()
     step_times = []
     for x, y in zip(train_x[:256 * args.generic_steps].split(256), train_y.split(256)):
+        x, y = x.to(device), y.to(device)
         start = time.perf_counter()
         optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_([model.bottleneck.values], 1.0)
+        criterion(generic(x), y).backward()
+        torch.nn.utils.clip_grad_norm_([generic.bottleneck.values], 1.0)
         optimizer.step()
+        _synchronize(device)
         step_times.append(time.perf_counter() - start)
-    per_step = statistics.median(step_times)
-    print(f"generic path (nearest-key search + autograd + dense SGD): median {1e3 * per_step:.1f} ms/step "
-          f"over {len(step_times)} steps -> {steps * per_step / 3600:.1f} h for the protocol; "
-          f"fast-path speed-up {per_step * steps / fast_seconds:.0f}x")
+    generic_step_s = statistics.median(step_times)
+    return {
+        "fast_step_ms": 1e3 * fast_step_s,
+        "generic_step_ms": 1e3 * generic_step_s,
+        "fast_step_speedup": generic_step_s / fast_step_s,
+        "key_init_s_per_epoch_10k": key_init_s * 10_000 / len(init_x),
+        "eval_s_per_10k": eval_s * 10_000 / len(test_x),
+    }
+
+
+def _check_fast_path(mode: str) -> None:
+    if mode not in FAST_PATH_MODES:
+        raise ValueError(f"--fast-path must be one of {', '.join(FAST_PATH_MODES)}, got {mode!r}.")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def versions() -> dict:
+    """Versions of Python and of the libraries that set the speed."""
+    import avalanche
+    import timm
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+             "avalanche": avalanche.__version__, "numpy": np.__version__}
+    try:
+        import openvino
+
+        found["openvino"] = openvino.__version__
+    except ImportError:
+        found["openvino"] = None
+    return found
+
+
+def main(argv=None) -> int:
+    p = cli.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/speed"), help="writes OUT/speed.json")
+    p.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK}")
+    for name in SIZES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
+    p.add_argument("--encoder", default="tf_efficientnet_lite0")
+    p.add_argument("--weights", default="default", help="'default', 'none' (random) or a checkpoint path")
+    p.add_argument("--image-set", default="cifar10_jpeg")
+    p.add_argument("--data-root", type=Path, default=paths.DATA_ROOT)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--embed-dim", type=int, default=1280, help="size of the stand-in embeddings")
+    p.add_argument("--num-codebooks", type=int, default=256)
+    p.add_argument("--num-keys", type=int, default=4096)
+    p.add_argument("--fast-path", default="compiled", help=f"one of {', '.join(FAST_PATH_MODES)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fast-path-threads", type=int, default=1, help="torch threads of the fast path's epochs")
+    p.add_argument("--skip-extraction", action="store_true", help="leave the extraction fields out")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in SIZES:
+        if getattr(args, name) is None:
+            setattr(args, name, (QUICK if args.quick else FULL)[name])
+    p.check(*(lambda name=name: check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+              for name in (*SIZES, "image_size", "batch_size", "embed_dim", "num_codebooks", "num_keys", "threads",
+                           "fast_path_threads")),
+            lambda: _check_fast_path(args.fast_path),
+            lambda: check_non_negative_int("--num-workers", args.num_workers),
+            lambda: check_backend_settings(args.backend, args.device, args.threads))
+    device = check_backend_settings(args.backend, args.device, args.threads)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    record = {"command": " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
+              "quick": args.quick, "device": str(device), "threads": args.threads,
+              "fast_path_threads": args.fast_path_threads, "cpu_count": os.cpu_count(),
+              "machine": platform.processor() or platform.machine(),
+              "sizes": {name: getattr(args, name) for name in SIZES}
+              | {"image_size": args.image_size, "batch_size": args.batch_size, "num_workers": args.num_workers,
+                 "embed_dim": args.embed_dim, "num_codebooks": args.num_codebooks, "num_keys": args.num_keys,
+                 "key_dim": 14, "fast_path": args.fast_path,
+                 "train_batch": 256, "num_classes": 2 * args.experiences},
+              "encoder": args.encoder, "image_set": args.image_set, "backend": args.backend,
+              "versions": versions()}
+    try:
+        if not args.skip_extraction:
+            record |= measure_extraction(args, device)
+            print(f"extraction: {record['extraction_images_per_s']:.1f} img/s ({record['extraction_backend']}), "
+                  f"eager timm {record['extraction_eager_images_per_s']:.1f} img/s, "
+                  f"max rel error {record['extraction_max_rel_error']:.1e}", flush=True)
+        record |= measure_bottleneck(args, device)
+    except Exception as error:
+        return cli.report(p.prog, error, args.debug, cli.RUN_ERROR)
+    record["wall_clock_seconds"] = time.perf_counter() - start
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_text(args.out / "speed.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out / 'speed.json'} in {record['wall_clock_seconds']:.0f} s", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

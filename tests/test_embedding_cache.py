@@ -360,3 +360,53 @@ def test_entry_files_get_the_umask_permissions(cache, key):
         os.umask(old_umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in cache.root.iterdir() if p.suffix in (".npy", ".json")}
     assert set(modes.values()) == {0o644}, modes
+
+
+# --- the image pipeline: backends share one cache key ---------------------------------------------
+
+
+def write_cifar10_jpeg_tree(root, per_class: int = 1) -> None:
+    """root/cifar10-jpeg/{train,test}/<class>/NNNN.jpg: random 32 x 32 colour images."""
+    from PIL import Image
+
+    from avalanche_dkvb.data import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in CIFAR10_CLASSES:
+            for j in range(per_class):
+                path = root / "cifar10-jpeg" / split / name / f"{j:04d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def test_backends_give_the_same_embeddings_under_the_same_cache_key(tmp_path):
+    pytest.importorskip("openvino")
+    from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+
+    write_cifar10_jpeg_tree(tmp_path / "data")
+    entries = {}
+    for backend in ("eager", "openvino"):
+        torch.manual_seed(0)  # the same random weights for both
+        entries[backend] = cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "test", weights=None,
+                                             data_root=tmp_path / "data", cache_root=tmp_path / backend,
+                                             image_size=48, batch_size=4, num_workers=0, backend=backend)
+    eager, fast = entries["eager"], entries["openvino"]
+    assert not eager.from_cache and not fast.from_cache
+    assert eager.fingerprint == fast.fingerprint  # the backend is not part of the key
+    assert eager.embeddings.shape == (10, 1280)
+    np.testing.assert_array_equal(eager.labels, fast.labels)
+    error = np.abs(fast.embeddings - eager.embeddings).max() / np.abs(eager.embeddings).max()
+    assert 0 < error <= 1e-4
+    again = cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "test", weights=None,
+                              data_root=tmp_path / "data", cache_root=tmp_path / "eager", image_size=48,
+                              backend="openvino")
+    assert again.from_cache  # an entry made by one backend serves the other
+
+
+def test_pipeline_checks_backend_settings_before_reading_data(tmp_path):
+    from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "test", data_root=tmp_path / "missing",
+                          backend="fastest")
