@@ -128,19 +128,11 @@ def _load_si(strategy, state: dict) -> None:
 
 
 def _save_counts(strategy) -> dict:
-    weights = strategy.class_weights
-    return {"class_counts": strategy.class_counts.detach().clone(),
-            "class_weights": None if weights is None else weights.detach().clone()}
+    return strategy.count_state()
 
 
 def _load_counts(strategy, state: dict) -> None:
-    if (state.get("class_weights") is None) != (strategy.class_weights is None):
-        raise ValueError("The checkpoint's count values and this CountValues differ in distance_temperature "
-                         "(weighted or uniform top-k); build the strategy with the checkpoint's settings.")
-    device = strategy.class_counts.device
-    strategy.class_counts = state["class_counts"].to(device)
-    if strategy.class_weights is not None:
-        strategy.class_weights = state["class_weights"].to(device)
+    strategy.load_count_state(state)
 
 
 def _nothing(strategy) -> dict:
@@ -158,11 +150,13 @@ def _strategy_handlers() -> dict:
     from avalanche_dkvb.baselines import (BatchedStreamingLDA, CopyingSynapticIntelligence, NearestClassMean,
                                           RandomProjectionRidge)
     from avalanche_dkvb.count_values import CountValues
+    from avalanche_dkvb.moment_values import MomentValues
     from avalanche_dkvb.strategy import DKVB
     plain = (_nothing, _load_nothing)  # everything in the model (closed-form sums are buffers)
     return {DKVB: plain, Naive: plain, NearestClassMean: plain, BatchedStreamingLDA: plain,
             RandomProjectionRidge: plain, EWC: (_save_ewc, _load_ewc), LwF: (_save_lwf, _load_lwf),
-            CopyingSynapticIntelligence: (_save_si, _load_si), CountValues: (_save_counts, _load_counts)}
+            CopyingSynapticIntelligence: (_save_si, _load_si), CountValues: (_save_counts, _load_counts),
+            MomentValues: (_save_counts, _load_counts)}
 
 
 REFUSED = {"Replay": "its replay buffer is a dataset of the stream's samples",

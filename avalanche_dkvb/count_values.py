@@ -35,7 +35,7 @@ Consequences:
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from avalanche.training.plugins.evaluation import default_evaluator
@@ -47,6 +47,15 @@ from avalanche_dkvb.model import DKVBModel
 from avalanche_dkvb.validation import check_positive_float, check_positive_int
 
 VALUE_RULES = ("log_posterior", "posterior", "counts")
+
+
+class Selection(NamedTuple):
+    """What a minibatch of B inputs selects: ``rows`` (B, C*k) of the (C*K, V) value table, their
+    ``weights`` (B, C*k; each codebook's k sum to 1; None = uniform) and the ``heads`` (B, C, d)."""
+
+    rows: torch.Tensor
+    weights: torch.Tensor | None
+    heads: torch.Tensor
 
 
 def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smoothing: float = 0.1) -> torch.Tensor:
@@ -159,10 +168,14 @@ class CountValues(SupervisedTemplate):
         if self.class_weights is not None:
             self.class_weights = self.class_weights.to(bottleneck.values.device)
         if not bool(bottleneck.keys_frozen):
-            init_keys(bottleneck, self._embed(self.init_data), self.key_init, **self.key_init_kwargs)
-            bottleneck.freeze_keys()
+            self._init_keys(self._embed(self.init_data))
             self._refresh_values(None)  # every row = the rule at zero counts, before any labelled data
         super()._before_training_exp(**kwargs)
+
+    def _init_keys(self, embeddings: torch.Tensor) -> None:
+        """Initialise the keys on unlabelled ``embeddings`` (N, D) and freeze them."""
+        init_keys(self.model.bottleneck, embeddings, self.key_init, **self.key_init_kwargs)
+        self.model.bottleneck.freeze_keys()
 
     @torch.no_grad()
     def training_epoch(self, **kwargs):
@@ -173,13 +186,13 @@ class CountValues(SupervisedTemplate):
             self._unpack_minibatch()
             self._before_training_iteration(**kwargs)
             self.loss = self._make_empty_loss()
-            flat_idx, weights = self._select(self.mb_x, only_used=False)
+            selection = self._select(self.mb_x, only_used=False)
             self._before_forward(**kwargs)
-            self.mb_output = self._logits(flat_idx, weights)
+            self.mb_output = self._logits(selection)
             self._after_forward(**kwargs)
             self.loss += self.criterion()
             self._before_update(**kwargs)
-            self._absorb(flat_idx, weights, self.mb_y)
+            self._absorb(selection, self.mb_y)
             self._after_update(**kwargs)
             self._after_training_iteration(**kwargs)
 
@@ -191,13 +204,13 @@ class CountValues(SupervisedTemplate):
     def logits(self, x: torch.Tensor, only_used: bool = True) -> torch.Tensor:
         """Logits (B, V) of model inputs ``x`` (B, ...) from the current values, with the key weights;
         ``only_used``: search only keys used in training (evaluation, as DKVB)."""
-        return self._logits(*self._select(x.to(self.device), only_used=only_used))
+        return self._logits(self._select(x.to(self.device), only_used=only_used))
 
     # -- counts ------------------------------------------------------------------------------------
-    def _absorb(self, flat_idx: torch.Tensor, weights: torch.Tensor | None, labels: torch.Tensor) -> None:
-        """Add each sample's class to each row it selects, with weight 1 or ``weights`` (B, C*k):
-        flat_idx (B, C*k), labels (B,)."""
+    def _absorb(self, selection: Selection, labels: torch.Tensor) -> None:
+        """Add each sample's class (labels (B,)) to each row it selects, with weight 1 or its weight."""
         bottleneck = self.model.bottleneck
+        flat_idx, weights = selection.rows, selection.weights
         _check_labels(labels, bottleneck.value_dim, flat_idx.shape[0])
         bottleneck.count_usage(flat_idx)
         cells = flat_idx * bottleneck.value_dim + labels.unsqueeze(1)  # (B, C*k) cells of the (R, V) table
@@ -245,30 +258,50 @@ class CountValues(SupervisedTemplate):
         self._refresh_values(torch.nonzero(removed.flatten()).flatten())
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _select(self, x: torch.Tensor, only_used: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows each input selects, flat_idx (B, C*k), and their weights (B, C*k), each codebook's k
-        weights summing to 1 (None: uniform, the default)."""
+    def _select(self, x: torch.Tensor, only_used: bool) -> Selection:
+        """The rows, weights and heads of inputs ``x`` (B, ...)."""
         bottleneck = self.model.bottleneck
         heads = bottleneck.project(self.model.embed(x))  # (B, C, d)
         idx = bottleneck.nearest_keys(heads, only_used=only_used)  # (B, C, k)
         offsets = torch.arange(bottleneck.num_codebooks, device=idx.device).view(1, -1, 1) * bottleneck.num_keys
         flat_idx = (idx + offsets).flatten(1)
         if self.distance_temperature is None:
-            return flat_idx, None
+            return Selection(flat_idx, None, heads)
         keys = bottleneck.keys.view(-1, bottleneck.key_dim)[flat_idx].view(*idx.shape, -1)  # (B, C, k, d)
         distances = (heads.unsqueeze(2) - keys).square().sum(-1)  # (B, C, k)
-        return flat_idx, torch.softmax(-distances / self.distance_temperature, dim=-1).flatten(1)
+        return Selection(flat_idx, torch.softmax(-distances / self.distance_temperature, dim=-1).flatten(1), heads)
 
-    def _logits(self, flat_idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """The model's output for already-looked-up rows: flat_idx (B, C*k) -> logits (B, V)."""
+    def _row_scores(self, selection: Selection) -> torch.Tensor:
+        """Each selected row's class scores (B, C*k, V): its value."""
+        return self.model.bottleneck.values.view(-1, self.model.bottleneck.value_dim)[selection.rows]
+
+    def _logits(self, selection: Selection) -> torch.Tensor:
+        """The output for already-looked-up rows: (B, C*k) rows -> logits (B, V), the rows' scores
+        averaged over each codebook's k keys (with the weights), then the model's decoder."""
         bottleneck = self.model.bottleneck
-        fetched = bottleneck.values.view(-1, bottleneck.value_dim)[flat_idx]  # (B, C*k, V)
-        shape = (flat_idx.shape[0], bottleneck.num_codebooks, bottleneck.top_k, -1)
-        if weights is None:
-            fetched = fetched.view(shape).mean(2)
+        scores = self._row_scores(selection)  # (B, C*k, V)
+        shape = (scores.shape[0], bottleneck.num_codebooks, bottleneck.top_k, -1)
+        if selection.weights is None:
+            scores = scores.view(shape).mean(2)
         else:
-            fetched = (fetched * weights.unsqueeze(-1).to(fetched.dtype)).view(shape).sum(2)
-        return self.model.decoder(fetched)
+            scores = (scores * selection.weights.unsqueeze(-1).to(scores.dtype)).view(shape).sum(2)
+        return self.model.decoder(scores)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def count_state(self) -> dict:
+        """The tensors outside the model that a checkpoint must carry (copies)."""
+        return {"class_counts": self.class_counts.clone(),
+                "class_weights": None if self.class_weights is None else self.class_weights.clone()}
+
+    def load_count_state(self, state: dict) -> None:
+        """Restore :meth:`count_state`; ValueError if it was made with other settings."""
+        if (state.get("class_weights") is None) != (self.class_weights is None):
+            raise ValueError("The checkpoint's count values and this strategy differ in distance_temperature "
+                             "(weighted or uniform top-k); build the strategy with the checkpoint's settings.")
+        device = self.class_counts.device
+        self.class_counts = state["class_counts"].to(device)
+        if self.class_weights is not None:
+            self.class_weights = state["class_weights"].to(device)
 
     @torch.no_grad()
     def _embed(self, data) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """DKVB settings grid on cached embeddings: every setting trained class-incrementally AND i.i.d.
 
 ``python -m benchmarks.ablate --out DIR [--settings a,b] [--seeds 0,1,2] ...`` runs each setting of
-the grid (one change from the default: C 256, K 4096, top-k 1, keys by EMA on a different data set,
-SGD lr 0.3, label smoothing 0.1) on the benchmark's class-incremental stream and on one experience
-holding every class (i.i.d.), and records the final class-balanced accuracy on the whole test set.
-Keys are initialised once per (C, K, key-init data, seed) and shared by the settings that use them.
-Resumable: rows already in ``DIR/results.csv`` (same run settings) are skipped; every file is
-rewritten atomically after each row. Writes ``results.csv`` (one row per setting x seed x mode),
-``summary.csv``/``summary.md`` (class-incremental and i.i.d. side by side, mean ± std over seeds)
-and ``ablation.png`` (accuracy against setting). SGD settings train with DKVB's eager fast path
-(the same values as the compiled one, without a compilation per shape).
+the grid (one change from the default: C 256, K 4096, d_key 14, top-k 1, keys by 5 EMA epochs with the
+authors' dead-key rule on a different data set, SGD lr 0.3, label smoothing 0.1; or one change from
+count values, or a MomentValues setting) on the benchmark's class-incremental stream and on one
+experience holding every class (i.i.d.), and records the final class-balanced accuracy on the whole
+test set. Keys are initialised once per (``Setting.keys_id``, seed) and shared by the settings that use
+them. Every seed of a setting runs before the next setting, the headline settings first.
+Resumable: rows already in ``DIR/results.csv`` (same run settings, same setting definitions) are
+skipped; one run writes a folder at a time (``run.lock``), every file rewritten atomically after each
+row. Writes ``results.csv`` (one row per setting x seed x mode), ``summary.csv``/``summary.md``
+(class-incremental and i.i.d. side by side, mean ± std over seeds) and ``ablation.png`` (accuracy
+against setting). SGD settings train with DKVB's eager fast path.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import pandas as pd
 import torch
 from avalanche.training.plugins import EvaluationPlugin
 
-from avalanche_dkvb import DKVB, CountValues, create_dkvb_model, init_keys
+from avalanche_dkvb import DKVB, CountValues, MomentValues, create_dkvb_model, init_keys
 from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
 from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+from benchmarks import paths
+from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_savefig, atomic_write_text
 from benchmarks.real import BENCHMARKS
 
@@ -42,12 +46,14 @@ class Setting:
     """One DKVB configuration (``key_init_epochs`` None: the run's ``--key-init-epochs``). ``key_init_data``: "other" (a different data set, as the paper), "own"
     (the stream's own unlabelled training inputs: a deviation from the class-incremental rules) or
     "both". ``distance_temperature``: distance-weighted top-k for count rules, as a multiple of the
-    keys' mean squared quantisation error on the key-init data (fixed before any labelled data)."""
+    keys' mean squared quantisation error on the key-init data (fixed before any labelled data).
+    ``moment_weight``: count values plus per-(key, class) head means (:class:`MomentValues`)."""
 
     name: str
     value_rule: str = "sgd"  # "sgd" (DKVB) or a CountValues rule
     smoothing: float = 1.0  # count rules only
     distance_temperature: float | None = None  # count rules only
+    moment_weight: float | None = None  # count rules only: MomentValues with this weight
     num_codebooks: int = 256
     num_keys: int = 4096
     key_dim: int = 14
@@ -103,7 +109,14 @@ def _grid() -> dict[str, Setting]:
             change(base, name=f"{label} C 1024", num_codebooks=1024),
         ]
     counts01 = change(counts, smoothing=0.1)
+    moments = change(counts01, name="moments K 256", num_keys=256, moment_weight=3.0)
     settings += [
+        moments,
+        change(moments, name="moments K 256 weight 1", moment_weight=1.0),
+        change(moments, name="moments K 64", num_keys=64),
+        change(moments, name="moments K 4096", num_keys=4096),
+        change(moments, name="moments K 256 top-k 4", top_k=4),
+        change(moments, name="moments C 1024 K 256", num_codebooks=1024),
         change(counts01, name="counts 0.1 top-k 4 distance-weighted", top_k=4, distance_temperature=0.5),
         change(counts01, name="counts 0.1 top-k 16 distance-weighted", top_k=16, distance_temperature=0.5),
         change(counts01, name="counts 0.1 C 1024 top-k 4", num_codebooks=1024, top_k=4),
@@ -113,7 +126,25 @@ def _grid() -> dict[str, Setting]:
 
 GRID = _grid()
 EXPENSIVE = ("C 1024", "10x epochs")  # 4x the key-init time, 10x the training time
-DEFAULT_SETTINGS = [name for name in GRID if not any(part in name for part in EXPENSIVE)]
+
+
+FIRST = ("sgd", "counts smoothing 0.1", "counts", "counts raw (no log)", "counts 0.1 top-k 4",
+         "counts 0.1 top-k 4 distance-weighted", "moments K 256", "counts 0.1 K 256", "moments K 256 weight 1",
+         "moments K 256 top-k 4", "moments K 64", "sgd K 256")  # the headline rows, run first
+
+
+def _default_order() -> list[str]:
+    """All but the expensive settings: ``FIRST``, then the others grouped by key initialisation (so a
+    run stopped early has finished whole groups)."""
+    names = list(FIRST) + [name for name in GRID
+                           if name not in FIRST and not any(part in name for part in EXPENSIVE)]
+    first_use = {}
+    for name in names:
+        first_use.setdefault(GRID[name].keys_id, len(first_use))
+    return names[:len(FIRST)] + sorted(names[len(FIRST):], key=lambda name: first_use[GRID[name].keys_id])
+
+
+DEFAULT_SETTINGS = _default_order()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,9 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experiences", type=int, default=None, help="class-incremental experiences")
     parser.add_argument("--epochs", type=int, default=200, help="SGD epochs per experience")
     parser.add_argument("--key-init-epochs", type=int, default=5, help="EMA key-initialisation epochs")
-    parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--cache-root", type=Path, default=None)
-    parser.add_argument("--download", action="store_true", help="extract missing data")
+    parser.add_argument("--data-root", type=Path, default=paths.DATA_ROOT)
+    parser.add_argument("--cache-root", type=Path, default=paths.CACHE_ROOT)
+    parser.add_argument("--download", action="store_true",
+                        help=f"extract missing data from the archives in {paths.ARCHIVE_DIR}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
@@ -151,9 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _embeddings(args, image_set: str, split: str, per_class: int | None):
-    paths = {k: v for k, v in (("data_root", args.data_root), ("cache_root", args.cache_root)) if v is not None}
     cached = cached_embeddings(args.encoder, image_set, split, download=args.download, image_size=args.image_size,
-                               per_class=per_class, **paths)
+                               per_class=per_class, data_root=args.data_root, cache_root=args.cache_root,
+                               archive_dir=paths.ARCHIVE_DIR)
     return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
 
 
@@ -208,6 +240,10 @@ def train(setting: Setting, model, quantisation_error: float, benchmark, epochs:
     if setting.value_rule == "sgd":
         strategy = DKVB(model=model, lr=setting.lr, label_smoothing=setting.label_smoothing,
                         train_epochs=setting.epochs_factor * epochs, fast_path="eager", evaluator=quiet)
+    elif setting.moment_weight is not None:
+        strategy = MomentValues(model=model, value_rule=setting.value_rule, smoothing=setting.smoothing,
+                                moment_weight=setting.moment_weight,
+                                head_variance=quantisation_error / setting.key_dim, evaluator=quiet)
     else:
         temperature = setting.distance_temperature
         strategy = CountValues(model=model, value_rule=setting.value_rule, smoothing=setting.smoothing,
@@ -312,6 +348,12 @@ def main(argv=None) -> int:
                "train_per_class": args.train_per_class, "key_init_per_class": args.key_init_per_class,
                "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set], "epochs": args.epochs,
                "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set}
+    command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
+    with FolderLock(args.out, command):  # one writer per folder: two runs would overwrite each other's rows
+        return _run(args, spec, context, command)
+
+
+def _run(args, spec, context: dict, command: str) -> int:
     results = load_finished(args.out, context)
     train_x, train_y = _embeddings(args, spec.image_set, "train", args.train_per_class)
     test_x, test_y = _embeddings(args, spec.image_set, "test", None)
@@ -319,22 +361,22 @@ def main(argv=None) -> int:
     num_classes = int(train_y.max()) + 1
     keys = KeyBank(train_x.shape[1], num_classes, {"other": other_x, "own": train_x,
                                                    "both": torch.cat([other_x, train_x])}, args.key_init_epochs)
-    command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
     print(f"[ablate] {command}\n  train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
           f"key init {tuple(other_x.shape)} ({spec.key_init_set})", flush=True)
-    for seed in args.seeds:
-        streams = {"class_incremental": make_class_incremental_benchmark(
-                       train_x, train_y, test_x, test_y, context["experiences"], seed=seed),
-                   "iid": make_class_incremental_benchmark(train_x, train_y, test_x, test_y, 1, seed=seed)}
-        for name in args.settings:
-            setting = GRID[name]
+    streams = {seed: {"class_incremental": make_class_incremental_benchmark(
+                          train_x, train_y, test_x, test_y, context["experiences"], seed=seed),
+                      "iid": make_class_incremental_benchmark(train_x, train_y, test_x, test_y, 1, seed=seed)}
+               for seed in args.seeds}
+    for name in args.settings:  # every seed of a setting before the next setting
+        setting = GRID[name]
+        for seed in args.seeds:
             for mode in MODES:
                 if is_finished(results, setting, seed, mode):
                     continue
                 model, quantisation_error = keys.model(setting, seed)
                 torch.manual_seed(seed)
                 start = time.perf_counter()
-                strategy = train(setting, model, quantisation_error, streams[mode], args.epochs)
+                strategy = train(setting, model, quantisation_error, streams[seed][mode], args.epochs)
                 seconds = time.perf_counter() - start
                 accuracy = class_balanced_accuracy(predictor(strategy), test_x, test_y, num_classes)
                 print(f"  {name} [{mode}] seed {seed}: {100 * accuracy:.2f} % ({seconds:.0f} s)", flush=True)

@@ -11,7 +11,7 @@ from avalanche.benchmarks import tensors_benchmark
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
-from avalanche_dkvb import CountValues, create_dkvb_model, init_keys, values_from_counts
+from avalanche_dkvb import CountValues, MomentValues, create_dkvb_model, init_keys, values_from_counts
 
 DIM, CLASSES = 16, 4
 KEY_INIT = {"epochs": 2, "batch_size": 64}
@@ -173,11 +173,11 @@ def test_bad_inputs_give_clear_errors(data):
         counting(frozen_model(), smoothing=0.0)
     strategy = counting(frozen_model())
     x = data[0][:4]
-    idx = strategy.model.bottleneck.flat_indices(x)
+    selection = strategy._select(x, only_used=False)
     with pytest.raises(TypeError, match="integer tensor"):
-        strategy._absorb(idx, None, torch.zeros(4))
+        strategy._absorb(selection, torch.zeros(4))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        strategy._absorb(idx, None, torch.tensor([0, 1, 2, 4]))
+        strategy._absorb(selection, torch.tensor([0, 1, 2, 4]))
 
 
 def strategy_predictions(strategy, x):
@@ -222,3 +222,61 @@ def test_distance_weights_change_counting_and_prediction(data):
     assert torch.equal(strategy_predictions(uniform, test_x), predictions(uniform.model, test_x))
     with pytest.raises(ValueError, match="distance_temperature"):
         counting(frozen_model(), distance_temperature=0.0)
+
+
+def moments(model, **kwargs):
+    kwargs.setdefault("evaluator", EvaluationPlugin(loggers=[]))
+    kwargs.setdefault("head_variance", 0.5)
+    return MomentValues(model=model, **kwargs)
+
+
+def test_moment_values_are_order_invariant_local_and_unlearn_exactly(data):
+    base = frozen_model(top_k=2)
+    torch.manual_seed(0)
+    forward = train_all(moments(copy.deepcopy(base), train_mb_size=16), stream(data))
+    torch.manual_seed(1)
+    backward = train_all(moments(copy.deepcopy(base), train_mb_size=7), stream(data, (2, 3, 0, 1)))
+    torch.testing.assert_close(forward.class_head_sums, backward.class_head_sums, rtol=0, atol=1e-9)
+    test_x = data[2]
+    torch.testing.assert_close(forward.logits(test_x), backward.logits(test_x), rtol=0, atol=1e-5)
+    # a class never seen in a cell sits at the key: the sums hold exactly the selecting heads
+    heads = base.bottleneck.project(data[0])
+    rows = base.bottleneck.flat_indices(data[0])  # (N, C*k)
+    expected = torch.zeros_like(forward.class_head_sums).view(-1, 4)
+    cells = (rows * CLASSES + data[1].unsqueeze(1)).flatten()
+    expected.index_add_(0, cells, heads.repeat_interleave(2, dim=1).flatten(0, 1).double())
+    torch.testing.assert_close(forward.class_head_sums.view(-1, 4), expected, rtol=0, atol=1e-9)
+
+    forward.forget_classes([0])
+    without = train_all(moments(copy.deepcopy(base)), stream(data, without_class=0))
+    torch.testing.assert_close(forward.class_head_sums, without.class_head_sums, rtol=0, atol=1e-9)
+    torch.testing.assert_close(forward.logits(test_x), without.logits(test_x), rtol=0, atol=1e-5)
+
+
+def test_moment_weight_zero_predicts_as_count_values(data):
+    base = frozen_model()
+    counts = train_all(counting(copy.deepcopy(base)), stream(data))
+    zero = train_all(moments(copy.deepcopy(base), moment_weight=0.0), stream(data))
+    evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    weighted = train_all(moments(copy.deepcopy(base), moment_weight=3.0, evaluator=evaluator), stream(data))
+    test_x, test_y = data[2], data[3]
+    assert torch.equal(zero.logits(test_x), counts.logits(test_x))
+    assert not torch.allclose(weighted.logits(test_x), counts.logits(test_x))
+    metrics = weighted.eval(stream(data).test_stream)  # Avalanche's eval goes through the same scores
+    accuracy = (weighted.logits(test_x).argmax(1) == test_y).float().mean().item()
+    assert metrics["Top1_Acc_Stream/eval_phase/test_stream/Task000"] == pytest.approx(accuracy)
+
+
+def test_moment_values_measure_head_variance_on_init_data_and_refuse_bad_options(data):
+    model = create_dkvb_model(DIM, CLASSES, num_codebooks=8, num_keys=32, key_dim=4)
+    strategy = MomentValues(model=model, init_data=unlabelled(), key_init_kwargs=KEY_INIT,
+                            evaluator=EvaluationPlugin(loggers=[]))
+    strategy.train(stream(data).train_stream[0])
+    expected = float(model.bottleneck.quantization_error(unlabelled())) / 4
+    assert strategy.head_variance == pytest.approx(expected)
+    with pytest.raises(ValueError, match="head_variance"):
+        MomentValues(model=frozen_model())
+    with pytest.raises(ValueError, match="uniform top-k"):
+        moments(frozen_model(), distance_temperature=1.0)
+    with pytest.raises(ValueError, match="moment_weight"):
+        moments(frozen_model(), moment_weight=-1.0)
