@@ -65,8 +65,8 @@ def cached_embeddings(
 
     def compute():
         model = inference_encoder(create_encoder(encoder, weights), backend, device, threads)
-        return extract_embeddings(model, dataset, batch_size=batch_size,
-                                  num_workers=num_workers, desc=f"{encoder} {image_set}/{split}")
+        return extract_embeddings(model, dataset, batch_size=batch_size, num_workers=num_workers,
+                                  desc=f"{encoder} {image_set}/{split} ({model.backend})")
 
     return EmbeddingCache(default_cache_root() if cache_root is None else cache_root).get_or_compute(key, compute)
 

@@ -192,7 +192,8 @@ def inference_encoder(
     encoder: Encoder, backend: str = "auto", device: str | torch.device = "cpu", threads: int | None = None
 ) -> nn.Module:
     """``encoder`` behind ``backend`` (one of ``BACKENDS``) on ``device`` ("cpu", "cuda", "auto"):
-    a module (B, 3, H, W) -> (B, D) whose outputs equal the eager encoder's within ``EXACT_TOLERANCE``.
+    a module (B, 3, H, W) -> (B, D) whose outputs equal the eager encoder's within ``EXACT_TOLERANCE``;
+    its ``backend`` says which backend runs it ("eager" or "openvino").
 
     "openvino" needs the CPU; "auto" picks it on the CPU when installed (else eager, and eager on CUDA).
     ``threads``: OpenVINO's CPU threads (default: torch's). Settings are checked before any conversion.

@@ -126,6 +126,8 @@ class Encoder(nn.Module):
     embeddings up to float rounding.
     """
 
+    backend = "eager"  # as for every module of ``encoders.inference_encoder``: what runs it
+
     def __init__(self, spec: EncoderSpec, body: nn.Module, weights: WeightsArg):
         super().__init__()
         self.spec = spec
