@@ -108,6 +108,7 @@ class Job:
         settings = {} if args.benchmark == "toy2d" else real.resolve(args)
         seeds = args.seeds if args.benchmark == "toy2d" else settings.pop("seeds")
         self.settings = settings
+        self.via_cache = args.engine == "ray" and args.embeddings_via == "cache"  # workers read the cache files
         self.cells = [Cell(args.benchmark, method, seed, args.out, settings, args.device)
                       for seed in seeds for method in args.methods]
         writer.order = {cell.key: i for i, cell in enumerate(self.cells)}
@@ -125,7 +126,7 @@ class Job:
         names = ("encoder", "weights", "image_size", "image_set", "key_init_set", "train_per_class",
                  "test_per_class", "key_init_per_class")
         return (*(self.settings[name] for name in names), str(self.args.data_root), str(self.args.cache_root),
-                self.args.engine == "ray" and self.args.embeddings_via == "cache")
+                self.via_cache)
 
     def load_data(self) -> dict | None:
         """The embeddings every cell uses, computed or read from the cache once, before the fan-out:
@@ -139,7 +140,7 @@ class Job:
         print(f"[{self.args.benchmark}] train {entries['train'].embeddings.shape}, test "
               f"{entries['test'].embeddings.shape}, key init {entries['init'].embeddings.shape} "
               f"({s['key_init_set']})", flush=True)
-        if self.data_key[-1]:
+        if self.via_cache:
             cache = EmbeddingCache(self.args.cache_root)
             files = {name: cache.paths(entry.fingerprint) for name, entry in entries.items()}
             return {"train_x": CachedArray(files["train"]["embeddings"]), "train_y": CachedArray(files["train"]["labels"]),

@@ -80,6 +80,21 @@ def test_embeddings_read_by_the_workers_from_the_cache_give_the_same_results(tmp
     _assert_same_run(tmp_path / "ray", tmp_path / "local", ["accuracy_curves.png"])
 
 
+def test_a_sweep_on_ray_equals_the_local_sweep(tmp_path, ray_cluster, real_args):
+    """Every (strength, seed) cell of the sweep fanned out at once gives the local sweep's tables."""
+    from benchmarks.sweep import main as sweep_main
+    sweep = ["--ewc-lambda", "1,1e6", "--si-lambda", "10", "--seeds", "0,1"] + real_args
+    assert sweep_main(["--out", str(tmp_path / "local")] + sweep) == 0
+    assert sweep_main(["--out", str(tmp_path / "ray"), "--engine", "ray"] + sweep) == 0
+    ours, theirs = (pd.read_csv(tmp_path / name / "results.csv").drop(columns="train_seconds") for name in ("ray", "local"))
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
+    for run in ("ewc_1", "ewc_1e6", "si_10"):
+        _assert_same_run(tmp_path / "ray" / run, tmp_path / "local" / run, ["accuracy_curves.png"])
+        assert json.loads((tmp_path / "ray" / run / "run.json").read_text())["status"] == "finished"
+    assert list(pd.read_csv(tmp_path / "ray" / "results.csv").strength) == (
+        ["ewc_lambda=1"] * 2 + ["ewc_lambda=1e6"] * 2 + ["si_lambda=10"] * 2)
+
+
 def test_a_worker_killed_mid_cell_is_retried_without_duplicate_rows(tmp_path, ray_cluster, real_args, monkeypatch):
     """The worker running the linear probe dies (os._exit) once its first checkpoint exists; Ray runs
     the cell again, which continues from that checkpoint, and the tables equal an uninterrupted local run."""
