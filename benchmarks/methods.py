@@ -9,7 +9,9 @@ snapshots copied (Avalanche's own SI equals Naive on a CPU; see
 ``avalanche_dkvb.baselines.synaptic_intelligence``). Replay and GDumb keep ``memory`` samples.
 Streaming LDA, nearest class mean and random projection + ridge are closed form (one pass).
 ``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256,
-K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different data set's embeddings).
+K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different data set's embeddings); ``dkvb_counts`` fills
+the same model's values from per-key class counts, ``dkvb_moments`` adds per-(key, class) head means at
+K 256 (``avalanche_dkvb.CountValues`` / ``MomentValues``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training import EWC, GDumb, LwF, Naive, Replay, Cumulative
 from torch import nn
 
-from avalanche_dkvb import DKVB, CountValues, create_dkvb_model
+from avalanche_dkvb import DKVB, CountValues, MomentValues, create_dkvb_model
 from avalanche_dkvb.baselines import CopyingSynapticIntelligence, NearestClassMean, RandomProjectionRidge
 from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin
 from avalanche_dkvb.validation import check_non_negative_float, check_positive_float, check_positive_int
@@ -95,6 +97,13 @@ def _dkvb_counts(s: MethodSettings, evaluator):
                        init_data=s.key_init_data, key_init_kwargs={"epochs": s.key_init_epochs})
 
 
+def _dkvb_moments(s: MethodSettings, evaluator):
+    """Count values plus per-(key, class) head means, at K 256 keys per codebook (MomentValues)."""
+    return MomentValues(model=create_dkvb_model(s.input_dim, s.num_classes, num_keys=256), device=s.device,
+                        evaluator=evaluator, init_data=s.key_init_data,
+                        key_init_kwargs={"epochs": s.key_init_epochs})
+
+
 def _slda(s: MethodSettings, evaluator):
     from avalanche_dkvb.baselines import BatchedStreamingLDA
     return BatchedStreamingLDA(input_size=s.input_dim, num_classes=s.num_classes, device=s.device,
@@ -104,6 +113,7 @@ def _slda(s: MethodSettings, evaluator):
 METHODS = {
     "dkvb": _dkvb,
     "dkvb_counts": _dkvb_counts,
+    "dkvb_moments": _dkvb_moments,
     "linear": lambda s, ev: _sgd(Naive, _linear(s), s, ev),
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
