@@ -142,14 +142,16 @@ def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | No
 # -- where the rows come from ----------------------------------------------------------------------
 class CachedExperienceBatches:
     """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
-    selected rows, codebook-major (C*k, N). Iterating yields ``len(self)`` batches of ``batch_size``
-    (a fresh permutation from torch's global RNG each time when ``shuffle``), sets
-    :attr:`current_rows` (C*k, b) to the rows of the batch just yielded, and adds the epoch's key
+    selected rows (N, C*k). Iterating yields ``len(self)`` batches of ``batch_size`` (a fresh
+    permutation from torch's global RNG each time when ``shuffle``), sets :attr:`current_rows`
+    (C*k, b), codebook-major, to the rows of the batch just yielded, and adds the epoch's key
     selections to the usage counters when the epoch ends (once, not per step).
 
-    Codebook-major order makes each step visit the value table one codebook slice (K rows) at a time,
-    which stays in cache: about 1.6x faster than sample-major order at the paper's scale. Holds the
-    experience's inputs (N, ...) in memory, like any in-memory loader."""
+    Each batch is gathered on its own (``index_select`` of b rows of inputs and of rows): permuting the
+    whole experience each epoch instead costs fresh (N, D) and (N, C*k) copies, more than the steps
+    themselves at the paper's scale. Rows are int32 when they fit (half the bytes to move); the
+    codebook-major copy makes each step visit the value table one codebook slice (K rows) at a time.
+    Holds the experience's inputs (N, ...) in memory, like any in-memory loader."""
 
     def __init__(self, model: DKVBModel, dataset, batch_size: int, shuffle: bool, device):
         xs, ys, ts, rows = [], [], [], []
@@ -161,29 +163,37 @@ class CachedExperienceBatches:
                 ys.append(y.to(device))
                 ts.append(t.to(device))
         self.inputs, self.targets, self.task_labels = torch.cat(xs), torch.cat(ys), torch.cat(ts)
-        self.rows = torch.cat(rows).T.contiguous()  # (C*k, N)
+        self.usage_counts = model.bottleneck.usage_counts  # (C, K)
+        row_type = torch.int32 if self.usage_counts.numel() <= torch.iinfo(torch.int32).max else torch.long
+        self.rows = torch.cat(rows).to(row_type)  # (N, C*k)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.current_rows: torch.Tensor | None = None
-        self.usage_counts = model.bottleneck.usage_counts  # (C, K)
         self.epoch_counts = self._counts(self.rows)
 
     def __len__(self) -> int:
         return -(-len(self.targets) // self.batch_size)
 
     def __iter__(self):
-        inputs, targets, task_labels, rows = self.inputs, self.targets, self.task_labels, self.rows
-        if self.shuffle:  # one permutation per epoch; each step then reads contiguous column blocks
-            order = torch.randperm(len(targets), device=targets.device)
-            inputs, targets, task_labels, rows = inputs[order], targets[order], task_labels[order], rows[:, order]
+        n = len(self.targets)
+        order = torch.randperm(n, device=self.targets.device) if self.shuffle else None
         consumed = 0
         try:
-            for start in range(0, len(targets), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                self.current_rows = rows[:, batch]
-                yield [inputs[batch], targets[batch], task_labels[batch]]
-                consumed = min(start + self.batch_size, len(targets))  # asked for more: this batch was trained on
+            for start in range(0, n, self.batch_size):
+                if order is None:
+                    batch = slice(start, start + self.batch_size)
+                    x, y, t, rows = self.inputs[batch], self.targets[batch], self.task_labels[batch], self.rows[batch]
+                else:
+                    idx = order[start:start + self.batch_size]
+                    x, y, t, rows = (a.index_select(0, idx) for a in
+                                     (self.inputs, self.targets, self.task_labels, self.rows))
+                self.current_rows = rows.T.contiguous()  # (C*k, b)
+                yield [x, y, t]
+                consumed = min(start + self.batch_size, n)  # asked for more: this batch was trained on
         finally:  # the selections of the batches trained on, counted once per epoch (also if stopped early)
-            counts = self.epoch_counts if consumed == len(targets) else self._counts(rows[:, :consumed])
+            if consumed == n:
+                counts = self.epoch_counts
+            else:
+                counts = self._counts(self.rows[:consumed] if order is None else self.rows[order[:consumed]])
             self.usage_counts.view(-1).add_(counts)
 
     def _counts(self, rows: torch.Tensor) -> torch.Tensor:
