@@ -135,13 +135,11 @@ class KeyValueBottleneck(nn.Module):
         codebook has been used; a codebook with no used key searches all its keys, where the authors'
         code returns key 0); a codebook with fewer than k used keys repeats its nearest used key.
         """
-        penalty = None
-        if only_used:
+        keys_aug = augmented_keys(self.keys)  # (C, d+1, K)
+        if only_used:  # a dormant key's |key|^2 becomes inf, so are all its scores
             used = self.usage_counts > 0  # (C, K)
-            dormant = ~used & used.any(dim=1, keepdim=True)
-            penalty = torch.zeros_like(dormant, dtype=self.keys.dtype).masked_fill_(dormant, math.inf)
-        idx = search_keys(augmented_heads(heads), augmented_keys(self.keys), self.top_k,
-                          self.lookup_chunk_elements, penalty)
+            keys_aug[:, -1].masked_fill_(~used & used.any(dim=1, keepdim=True), math.inf)
+        idx = search_keys(augmented_heads(heads), keys_aug, self.top_k, self.lookup_chunk_elements)
         return idx.transpose(0, 1)
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
@@ -201,15 +199,16 @@ def _group_size(num_keys: int) -> int:
     return max(g for g in range(1, math.isqrt(num_keys) + 1) if num_keys % g == 0)
 
 
-def first_argmin(scores: torch.Tensor) -> torch.Tensor:
+def first_argmin(scores: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
     """Index of the first minimum along the last axis, as ``scores.argmin(-1)``: (..., K) -> (...).
 
     In two stages, because torch's argmin is several times slower than its min: the minimum of each
     group of G keys, the first group holding the overall minimum, then the first minimum inside that
     group. Both stages compare the same values, so the result equals ``argmin`` exactly, ties included.
+    ``group_size`` G (a divisor of K) defaults to :func:`_group_size` of K.
     """
     K = scores.shape[-1]
-    G = _group_size(K)
+    G = _group_size(K) if group_size is None else group_size  # a divisor of K
     if G == 1:
         return scores.argmin(-1)
     groups = scores.unflatten(-1, (K // G, G))  # (..., K/G, G)
@@ -220,28 +219,27 @@ def first_argmin(scores: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def search_keys(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int = 1,
-                chunk_elements: int = 2**18, penalty: torch.Tensor | None = None) -> torch.Tensor:
+                chunk_elements: int = 2**18) -> torch.Tensor:
     """Top-k smallest squared distances per codebook: heads (C, B, d+1), keys (C, d+1, K) -> (C, B, k).
 
     Scores ``|key|^2 - 2 z.key`` (the squared distance less ``|z|^2``, which does not change the order)
     are batched products of [z, 1] with [-2 key, |key|^2], in blocks of codebooks x samples holding at
     most ``chunk_elements`` scores, so each block stays in cache and there
-    is never a (B, C, K, d) tensor. ``penalty`` (C, K) is added to every score of its codebook (inf
-    masks a key); with fewer than k finite scores the nearest finite one is repeated.
+    is never a (B, C, K, d) tensor. A key whose |key|^2 entry is inf is masked (all its scores are
+    inf); with fewer than k finite scores the nearest finite one is repeated.
     """
     C, B, K = heads_aug.shape[0], heads_aug.shape[1], keys_aug.shape[2]
     batch_block = max(1, min(B, chunk_elements // K))  # below B only with one codebook a block: contiguous
     codebook_block = max(1, chunk_elements // (batch_block * K))
+    group_size = _group_size(K)
     out = torch.empty(C, B, top_k, dtype=torch.long, device=heads_aug.device)
     for c in range(0, C, codebook_block):
         cs = slice(c, c + codebook_block)
         for b in range(0, B, batch_block):
             bs = slice(b, b + batch_block)
             scores = torch.bmm(heads_aug[cs, bs], keys_aug[cs])  # (c, b, K)
-            if penalty is not None:
-                scores += penalty[cs].unsqueeze(1)
             if top_k == 1:
-                out[cs, bs, 0] = first_argmin(scores)
+                out[cs, bs, 0] = first_argmin(scores, group_size)
             else:  # with fewer finite scores than top_k, repeat the nearest finite one
                 nearest, idx = scores.topk(top_k, dim=-1, largest=False)
                 out[cs, bs] = torch.where(torch.isinf(nearest), idx[..., :1], idx)
