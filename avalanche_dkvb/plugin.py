@@ -76,7 +76,8 @@ class DKVBPlugin(SupervisedPlugin):
     At the start of each ``train()`` call: checks the model and that the optimizer is local, before
     any key initialisation. Before the first training experience: initialises the keys on
     ``init_data`` (unlabelled model inputs: a tensor (N, ...) or a dataset whose items are ``x`` or
-    ``(x, ...)``; if ``None``, the first experience's inputs, with a warning), freezes encoder,
+    ``(x, ...)``; if ``None``, the first experience's inputs, with a warning: the authors' code uses
+    the whole training set there, which a continual learner cannot see up front), freezes encoder,
     projection and keys, and resets the usage counters. Before every training experience: checks the
     labels are class indices the model has, and restricts the optimizer to the trainable parameters
     (:func:`optimise_trainable_parameters`).
