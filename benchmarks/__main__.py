@@ -143,9 +143,10 @@ class Job:
         if self.via_cache:
             cache = EmbeddingCache(self.args.cache_root)
             files = {name: cache.paths(entry.fingerprint) for name, entry in entries.items()}
-            return {"train_x": CachedArray(files["train"]["embeddings"]), "train_y": CachedArray(files["train"]["labels"]),
-                    "test_x": CachedArray(files["test"]["embeddings"]), "test_y": CachedArray(files["test"]["labels"]),
-                    "init_x": CachedArray(files["init"]["embeddings"])}
+            return {f"{name}_{part}": CachedArray(files[name][kind])
+                    for name, part, kind in (("train", "x", "embeddings"), ("train", "y", "labels"),
+                                             ("test", "x", "embeddings"), ("test", "y", "labels"),
+                                             ("init", "x", "embeddings"))}
         return {"train_x": np.asarray(entries["train"].embeddings), "train_y": entries["train"].labels,
                 "test_x": np.asarray(entries["test"].embeddings), "test_y": entries["test"].labels,
                 "init_x": np.asarray(entries["init"].embeddings)}

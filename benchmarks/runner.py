@@ -192,7 +192,9 @@ def run_cell(cell: Cell, data: dict | None) -> RunResult:
             torch.manual_seed(cell.seed)
             strategy = toy2d.METHODS[cell.method](make_evaluator(loggers), cell.seed)
             carry = {"regions": []}  # decision regions after each experience, kept in the checkpoint
-            after_experience = lambda i: carry["regions"].append(torch.from_numpy(toy2d.predict_grid(strategy.model)))  # noqa: E731
+
+            def after_experience(i: int) -> None:
+                carry["regions"].append(torch.from_numpy(toy2d.predict_grid(strategy.model)))
         else:
             loggers.append(TensorboardLogger(run_dir / "tb"))
             train_x, train_y, test_x, test_y, init_x = (_tensor(data[name]) for name in
@@ -204,7 +206,8 @@ def run_cell(cell: Cell, data: dict | None) -> RunResult:
                        if cell.settings.get(f.name) is not None}  # epochs, memory, strengths, ...
             method_settings = MethodSettings(input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1,
                                              key_init_data=init_x, device=cell.device, **options)
-            strategy = METHODS[cell.method](method_settings, make_evaluator(loggers, diagnostics=cell.method.startswith("dkvb")))
+            evaluator = make_evaluator(loggers, diagnostics=cell.method.startswith("dkvb"))
+            strategy = METHODS[cell.method](method_settings, evaluator)
         print(f"[{cell.benchmark}] {cell.method}, seed {cell.seed}", flush=True)
         result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
                             after_experience=after_experience, checkpoint=checkpoint, resume=True,
