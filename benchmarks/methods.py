@@ -11,7 +11,7 @@ Streaming LDA, nearest class mean and random projection + ridge are closed form 
 ``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256,
 K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different data set's embeddings); ``dkvb_counts`` fills
 the same model's values from per-key class counts, ``dkvb_moments`` adds per-(key, class) head means at
-K 256 (``avalanche_dkvb.CountValues`` / ``MomentValues``).
+C 1024, K 256 (``avalanche_dkvb.CountValues`` / ``MomentValues``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def _dkvb_counts(s: MethodSettings, evaluator):
 
 
 def _dkvb_moments(s: MethodSettings, evaluator):
-    """Count values plus per-(key, class) head means, at K 256 keys per codebook (MomentValues)."""
-    return MomentValues(model=create_dkvb_model(s.input_dim, s.num_classes, num_keys=256), device=s.device,
+    """Count values plus per-(key, class) head means (MomentValues), C 1024 codebooks of K 256 keys."""
+    model = create_dkvb_model(s.input_dim, s.num_classes, num_codebooks=1024, num_keys=256)
+    return MomentValues(model=model, device=s.device,
                         evaluator=evaluator, init_data=s.key_init_data,
                         key_init_kwargs={"epochs": s.key_init_epochs})
 
