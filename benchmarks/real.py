@@ -10,19 +10,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 
-from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES, make_class_incremental_benchmark
-from avalanche_dkvb.embeddings.pipeline import cached_embeddings
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES
 from avalanche_dkvb.encoders import get_encoder_spec
 from avalanche_dkvb.validation import check_divides, check_non_negative_float, check_positive_int, check_seeds
 from benchmarks import paths
-from benchmarks.methods import METHODS, MethodSettings
 from benchmarks.outputs import ResultsWriter
-from benchmarks.plots import plot_accuracy_curves, plot_final_matrices, plot_key_diagnostics
-from benchmarks.runner import checkpoint_path, make_evaluator, run_stream
 
 
 @dataclass(frozen=True)
@@ -69,13 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lwf-alpha", type=float, default=None, help="LwF distillation weight (1)")
     g.add_argument("--si-lambda", type=float, default=None, help="SI penalty strength (1)")
     g.add_argument("--quick", action="store_true", help=f"smoke-run profile: {QUICK}")
-
-
-def _embeddings(args, image_set: str, split: str, per_class: int | None):
-    cached = cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
-                               data_root=args.data_root, cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
-                               download=args.download, image_size=args.image_size, per_class=per_class)
-    return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
 
 
 def resolve(args) -> dict:
@@ -143,51 +129,3 @@ def open_results(args, settings: dict) -> ResultsWriter:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def run_real(args) -> ResultsWriter:
-    settings = resolve(args)
-    train_x, train_y = _embeddings(args, settings["image_set"], "train", settings["train_per_class"])
-    test_x, test_y = _embeddings(args, settings["image_set"], "test", settings["test_per_class"])
-    init_x, _ = _embeddings(args, settings["key_init_set"], "train", settings["key_init_per_class"])
-    print(f"[{args.benchmark}] train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, "
-          f"key init {tuple(init_x.shape)} ({settings['key_init_set']})", flush=True)
-    seeds = settings.pop("seeds")
-    writer = open_results(args, settings)
-    for seed in seeds:
-        benchmark = make_class_incremental_benchmark(train_x, train_y, test_x, test_y,
-                                                     settings["experiences"], seed=seed)
-        for method in args.methods:
-            if writer.done(args.benchmark, method, seed):
-                print(f"[{args.benchmark}] {method}, seed {seed}: already in {args.out}, skipped", flush=True)
-                continue
-            torch.manual_seed(seed)
-            run_dir = args.out / "logs" / f"{method}_seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint = checkpoint_path(args.out, method, seed)
-            resuming = args.resume and checkpoint.exists()
-            with open(run_dir / "log.txt", "a" if resuming else "w") as log_file:
-                csv_logger, tb_logger = CSVLogger(str(run_dir)), TensorboardLogger(run_dir / "tb")
-                method_settings = MethodSettings(
-                    input_dim=train_x.shape[1], num_classes=int(train_y.max()) + 1, key_init_data=init_x,
-                    epochs=settings["epochs"], key_init_epochs=settings["key_init_epochs"], memory=args.memory,
-                    ridge_projection=settings["ridge_projection"],
-                    **{name: settings[name] for name in STRENGTHS if settings[name] is not None})
-                evaluator = make_evaluator([TextLogger(log_file), csv_logger, tb_logger],
-                                           diagnostics=method.startswith("dkvb"))
-                strategy = METHODS[method](method_settings, evaluator)
-                print(f"[{args.benchmark}] {method}, seed {seed}", flush=True)
-                result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
-                                    checkpoint=checkpoint, resume=args.resume,
-                                    settings={"benchmark": args.benchmark, "method": method, "seed": seed,
-                                              **settings})
-                csv_logger.close()
-                tb_logger.writer.close()
-            writer.add(args.benchmark, method, seed, result)
-            checkpoint.unlink(missing_ok=True)
-            if "diagnostics" in result.extra:
-                plot_key_diagnostics(result.extra["diagnostics"], f"{method} (seed {seed})",
-                                     args.out / f"key_diagnostics_{method}_seed{seed}.png")
-            plot_accuracy_curves(writer, args.out / "accuracy_curves.png")
-            plot_final_matrices(writer, args.out / "final_accuracy_matrices.png")
-    return writer
