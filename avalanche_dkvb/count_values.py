@@ -10,8 +10,9 @@ in each of the C*k rows it selects; each row's value is a function of that row's
     ``"log_posterior"`` (default)  log(V * (n_kc + a) / (n_k + V a)): the Laplace-smoothed log class
                                    posterior of the key, shifted by log V so an unvisited key is 0;
     ``"posterior"``                V * (n_kc + a) / (n_k + V a) - 1, the same posterior, not logged;
-    ``"counts"``                   n_kc, the raw (possibly weighted) counts: what SGD on the values degenerates to at the
-                                   paper's settings (tiny steps around uniform logits).
+    ``"counts"``                   n_kc, the raw (possibly weighted) counts: what SGD on the values
+                                   degenerates to at the paper's settings (tiny steps around uniform
+                                   logits).
 
 with ``n_kc`` the row's count of class c, ``n_k`` its total and ``a`` = ``smoothing`` (default 0.1,
 the best of the rules measured on Split-CIFAR10 embeddings: see the README's ablation). The mean decoder
@@ -25,7 +26,7 @@ so as tau grows the counts tend to uniform top-k's; weighted counts are float64)
 Consequences:
 
 - the model after a stream is exactly the same whatever the order of its samples and experiences
-  (integer counts; values recomputed from them);
+  (integer counts, values recomputed from them; to float64 rounding with distance weights);
 - a labelled sample changes only the value rows of the keys it selects; no sample is stored; no task
   identity or boundary is used (values are refreshed after every minibatch);
 - :meth:`CountValues.forget_classes` removes classes exactly (the model equals one trained without
