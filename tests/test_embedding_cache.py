@@ -410,3 +410,24 @@ def test_pipeline_checks_backend_settings_before_reading_data(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of"):
         cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "test", data_root=tmp_path / "missing",
                           backend="fastest")
+
+
+def test_per_class_subset_is_sliced_from_the_cached_whole_split(tmp_path, monkeypatch):
+    from avalanche_dkvb.embeddings import pipeline
+
+    write_cifar10_jpeg_tree(tmp_path / "data", per_class=3)
+    common = dict(weights=None, data_root=tmp_path / "data", image_size=32, batch_size=4, num_workers=0,
+                  backend="eager")
+    torch.manual_seed(0)
+    fresh = pipeline.cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "train", per_class=2,
+                                       cache_root=tmp_path / "fresh", **common)
+    torch.manual_seed(0)  # the same random weights
+    whole = pipeline.cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "train",
+                                       cache_root=tmp_path / "sliced", **common)
+    monkeypatch.setattr(pipeline, "extract_embeddings", lambda *a, **k: pytest.fail("extracted again"))
+    sliced = pipeline.cached_embeddings("tf_efficientnet_lite0", "cifar10_jpeg", "train", per_class=2,
+                                        cache_root=tmp_path / "sliced", **common)
+    assert whole.embeddings.shape == (30, 1280) and sliced.embeddings.shape == (20, 1280)
+    assert not sliced.from_cache and sliced.fingerprint == fresh.fingerprint
+    np.testing.assert_array_equal(sliced.labels, fresh.labels)
+    np.testing.assert_allclose(sliced.embeddings, fresh.embeddings, rtol=0, atol=1e-6)

@@ -177,6 +177,15 @@ class EmbeddingCache:
             loaded = self._load(key, fingerprint, paths, verify_checksums=False)
             return dataclasses.replace(loaded, from_cache=False)
 
+    def find(self, key: dict[str, Any]) -> CachedEmbeddings | None:
+        """The complete, valid entry for ``key`` (checksums verified), or None; never builds one.
+        Reads without the lock: entries are only ever replaced atomically."""
+        fingerprint = key_fingerprint(key)
+        try:
+            return self._load(key, fingerprint, self.paths(fingerprint))
+        except (FileNotFoundError, _InvalidEntry):
+            return None
+
     def _load_read_only(
         self, key: dict[str, Any], fingerprint: str, paths: dict[str, Path], error: OSError
     ) -> CachedEmbeddings:

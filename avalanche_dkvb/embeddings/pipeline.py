@@ -40,7 +40,8 @@ def cached_embeddings(
 
     ``image_size`` overrides the encoder's input resolution (a cheaper, documented deviation from
     its pretrained configuration); ``per_class`` keeps only the first that many samples of each
-    class, in the data set's order. ``data_root`` and ``archive_dir`` are ``load_image_set``'s
+    class, in the data set's order (sliced from the whole split's entry when that is cached).
+    ``data_root`` and ``archive_dir`` are ``load_image_set``'s
     ``root`` and ``archive_dir``; ``cache_root`` defaults to ``default_cache_root()``. ``backend``
     (one of ``encoders.BACKENDS``), ``device`` ("cpu", "cuda", "auto") and ``threads`` go to
     ``inference_encoder``; every backend gives the eager float32 embeddings within its tolerance, so
@@ -59,16 +60,24 @@ def cached_embeddings(
     images = load_image_set(image_set, split, root=data_root, download=download, transform=spec.transform(),
                             archive_dir=archive_dir)
     dataset = images.dataset
+    cache = EmbeddingCache(default_cache_root() if cache_root is None else cache_root)
+    full_key = EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": None})
     if per_class is not None:
-        dataset = Subset(dataset, first_per_class(images.targets, per_class))
+        keep = first_per_class(images.targets, per_class)
+        dataset = Subset(dataset, keep)
     key = EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": per_class})
 
     def compute():
+        full = cache.find(full_key) if per_class is not None else None
+        if full is not None and np.array_equal(full.labels, images.targets):
+            # The whole split is cached, rows in data set order: its first-per-class rows are the subset's
+            # embeddings (same images, same encoder), so nothing is extracted again.
+            return np.asarray(full.embeddings[keep]), full.labels[keep]
         model = inference_encoder(create_encoder(encoder, weights), backend, device, threads)
         return extract_embeddings(model, dataset, batch_size=batch_size, num_workers=num_workers,
                                   desc=f"{encoder} {image_set}/{split} ({model.backend})")
 
-    return EmbeddingCache(default_cache_root() if cache_root is None else cache_root).get_or_compute(key, compute)
+    return cache.get_or_compute(key, compute)
 
 
 def first_per_class(targets: np.ndarray, per_class: int) -> list[int]:
