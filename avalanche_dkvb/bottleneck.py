@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avalanche_dkvb.native_search import can_use_native_search, native_search
 from avalanche_dkvb.validation import check_finite, check_positive_int
 
 HEAD_KINDS = ("random_projection", "chunk")
@@ -219,15 +220,19 @@ def first_argmin(scores: torch.Tensor, group_size: int | None = None) -> torch.T
 
 @torch.no_grad()
 def search_keys(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int = 1,
-                chunk_elements: int = 2**18) -> torch.Tensor:
+                chunk_elements: int = 2**18, fused: bool = True) -> torch.Tensor:
     """Top-k smallest squared distances per codebook: heads (C, B, d+1), keys (C, d+1, K) -> (C, B, k).
 
     Scores ``|key|^2 - 2 z.key`` (the squared distance less ``|z|^2``, which does not change the order)
-    are batched products of [z, 1] with [-2 key, |key|^2], in blocks of codebooks x samples holding at
-    most ``chunk_elements`` scores, so each block stays in cache and there
-    is never a (B, C, K, d) tensor. A key whose |key|^2 entry is inf is masked (all its scores are
-    inf); with fewer than k finite scores the nearest finite one is repeated.
+    are products of [z, 1] with [-2 key, |key|^2]. A key whose |key|^2 entry is inf is masked (all its
+    scores are inf); with fewer than k finite scores the nearest finite one is repeated. With ``fused``,
+    top-1 float32 searches on the CPU run :mod:`avalanche_dkvb.native_search`'s kernel, which never
+    stores a score; otherwise the scores are batched matrix products in blocks of codebooks x samples
+    holding at most ``chunk_elements`` scores, so each block stays in cache and there is never a
+    (B, C, K, d) tensor.
     """
+    if fused and can_use_native_search(heads_aug, keys_aug, top_k):
+        return native_search()(heads_aug.contiguous(), keys_aug).unsqueeze(-1)
     C, B, K = heads_aug.shape[0], heads_aug.shape[1], keys_aug.shape[2]
     batch_block = max(1, min(B, chunk_elements // K))  # below B only with one codebook a block: contiguous
     codebook_block = max(1, chunk_elements // (batch_block * K))
