@@ -103,8 +103,8 @@ def ema_init_keys(
     unused; ``"reset"`` also sets its sum to the fresh head and its size to 1, so it stays there until
     the data moves it. ``progress(epoch, quantisation_error)`` is called after each epoch if given.
 
-    All heads are projected once: (C, N, d+1) floats in memory (768 MB for 50,000 samples at C 256,
-    d 14). The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
+    All heads are projected once, and shuffled once an epoch: twice (C, N, d+1) floats in memory
+    (2 x 768 MB for 50,000 samples at C 256, d 14). The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
     (index_add_) and the keys feed the search without a copy.
     """
     if not 0.0 <= decay < 1.0:
@@ -123,8 +123,10 @@ def ema_init_keys(
     _set_square_norms(keys_aug)
     search_view = keys_aug.view(d + 1, C, K).transpose(0, 1)  # (C, d+1, K), no copy
     for epoch in range(epochs):
-        for rows in _batch_rows(data.shape[0], batch_size, generator):
-            batch = heads_all[:, rows.to(heads_all.device)]  # (C, B, d+1)
+        order = torch.randperm(data.shape[0], generator=generator).to(heads_all.device)
+        shuffled = heads_all[:, order]  # (C, N, d+1): one gather an epoch, then contiguous batches
+        for start in range(0, data.shape[0], batch_size):
+            batch = shuffled[:, start:start + batch_size].contiguous()  # (C, B, d+1)
             idx = search_keys(batch, search_view, 1, bottleneck.lookup_chunk_elements)[..., 0]  # (C, B)
             flat = (idx + offsets).flatten()  # rows of (C*K), codebook-major like the batch
             counts = torch.bincount(flat, minlength=C * K).to(cluster_size.dtype)
@@ -136,13 +138,14 @@ def ema_init_keys(
             _set_square_norms(keys_aug)
             dead = cluster_size < threshold  # (C*K,)
             if bool(dead.any()):
-                pick = torch.randint(len(rows), (C, K), generator=generator, device=heads_all.device).view(-1)
+                pick = torch.randint(batch.shape[1], (C, K), generator=generator, device=heads_all.device).view(-1)
                 dead_rows = dead.nonzero().squeeze(1)
-                fresh = batch[dead_rows // K, pick[dead_rows], :d].T  # (d, dead)
-                keys_aug[:d, dead_rows] = fresh * -2
-                keys_aug[d, dead_rows] = fresh.square().sum(0)
+                heads_of_batch = batch.view(-1, d + 1)  # (C*B, d+1), codebook-major
+                fresh = heads_of_batch.index_select(0, dead_rows // K * batch.shape[1] + pick[dead_rows])[:, :d]
+                keys_aug[:d].index_copy_(1, dead_rows, fresh.T * -2)
+                keys_aug[d].index_copy_(0, dead_rows, fresh.square().sum(1))
                 if dead_key_rule == "reset":
-                    embed_sum[:, dead_rows] = fresh
+                    embed_sum.index_copy_(1, dead_rows, fresh.T)
                     cluster_size[dead_rows] = 1.0
         bottleneck.set_keys((keys_aug[:d] * -0.5).T.reshape(C, K, d))
         if progress is not None:
@@ -150,9 +153,13 @@ def ema_init_keys(
 
 
 def _set_square_norms(keys_aug: torch.Tensor) -> None:
-    """Last row of ``keys_aug`` (d+1, M) = |key|^2 of the keys ``keys_aug[:-1] * -0.5``."""
-    torch.sum(keys_aug[:-1].square(), dim=0, out=keys_aug[-1])
-    keys_aug[-1].mul_(0.25)
+    """Last row of ``keys_aug`` (d+1, M) = |key|^2 of the keys ``keys_aug[:-1] * -0.5``, one row at a
+    time (a (d, M) temporary would cost more than the search)."""
+    norms = keys_aug[-1]
+    torch.mul(keys_aug[0], keys_aug[0], out=norms)
+    for row in keys_aug[1:-1]:
+        norms.addcmul_(row, row)
+    norms.mul_(0.25)
 
 
 @torch.no_grad()
