@@ -37,6 +37,7 @@ class MethodSettings:
     num_classes: int
     key_init_data: torch.Tensor  # (N, D) unlabelled embeddings of a different data set
     epochs: int = 2000  # per experience, SGD-trained methods including DKVB
+    baseline_epochs: int | None = None  # per experience, the SGD baselines (SGD_BASELINES); None: ``epochs``
     key_init_epochs: int = 10
     baseline_lr: float = 1e-3
     memory: int = 2000
@@ -50,6 +51,8 @@ class MethodSettings:
         """ValueError/TypeError naming the first unusable setting, before any strategy is built."""
         for name in ("input_dim", "num_classes", "epochs", "key_init_epochs", "memory", "ridge_projection"):
             check_positive_int(name, getattr(self, name))
+        if self.baseline_epochs is not None:
+            check_positive_int("baseline_epochs", self.baseline_epochs)
         check_positive_float("baseline_lr", self.baseline_lr)
         for name in ("ewc_lambda", "lwf_alpha", "si_lambda"):
             check_non_negative_float(name, getattr(self, name))
@@ -81,7 +84,7 @@ def _sgd(strategy_cls, model: nn.Module, s: MethodSettings, evaluator, in_memory
     plugins = [GradientClipPlugin(1.0)] + ([InMemoryBatchesPlugin()] if in_memory else [])
     return strategy_cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=s.baseline_lr),
                         criterion=nn.CrossEntropyLoss(label_smoothing=0.1), train_mb_size=256,
-                        train_epochs=s.epochs, eval_mb_size=1024, device=s.device, plugins=plugins,
+                        train_epochs=s.epochs if s.baseline_epochs is None else s.baseline_epochs, eval_mb_size=1024, device=s.device, plugins=plugins,
                         evaluator=evaluator, **kwargs)
 
 
@@ -129,3 +132,6 @@ METHODS = {
                                                  projection_dim=s.ridge_projection, device=s.device, evaluator=ev),
     "joint": lambda s, ev: _sgd(Cumulative, _linear(s), s, ev),
 }
+
+SGD_BASELINES = frozenset({"linear", "mlp", "ewc", "lwf", "si", "replay", "gdumb", "joint"})
+"""The methods trained by ``_sgd``: ``baseline_epochs`` applies to them."""

@@ -15,6 +15,7 @@ from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES
 from avalanche_dkvb.encoders import get_encoder_spec
 from avalanche_dkvb.validation import check_divides, check_non_negative_float, check_positive_int, check_seeds
 from benchmarks import paths
+from benchmarks.methods import SGD_BASELINES
 from benchmarks.outputs import ResultsWriter
 
 
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--test-per-class", type=int, default=None, help="first N test images per class")
     g.add_argument("--key-init-per-class", type=int, default=None, help="first N key-init images per class")
     g.add_argument("--epochs", type=int, default=None, help="epochs per experience (default 2000)")
+    g.add_argument("--baseline-epochs", type=int, default=None,
+                   help="epochs per experience of the SGD baselines (default: --epochs)")
     g.add_argument("--key-init-epochs", type=int, default=None, help="EMA key-init epochs (default 10)")
     g.add_argument("--memory", type=int, default=2000, help="Replay / GDumb buffer size")
     g.add_argument("--ridge-projection", type=int, default=None, help="random features of the ridge baseline (5000)")
@@ -78,14 +81,14 @@ def resolve(args) -> dict:
         "experiences": pick("experiences", DEFAULT_EXPERIENCES[spec.image_set]),
         "train_per_class": pick("train_per_class", None), "test_per_class": pick("test_per_class", None),
         "key_init_per_class": pick("key_init_per_class", None),
-        "epochs": pick("epochs", 2000), "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
+        "epochs": pick("epochs", 2000), "baseline_epochs": args.baseline_epochs, "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
         "ridge_projection": pick("ridge_projection", 5000), "seeds": pick("seeds", [0, 1, 2]),
         **{name: getattr(args, name) for name in STRENGTHS},  # None (the default) leaves no column
     }
 
 
 POSITIVE_INTS = ("image_size", "train_per_class", "test_per_class", "key_init_per_class", "epochs",
-                 "key_init_epochs", "memory", "ridge_projection")  # None: the default, left unchecked
+                 "baseline_epochs", "key_init_epochs", "memory", "ridge_projection")  # None: the default, left unchecked
 
 
 def flags_set(args) -> list[str]:
@@ -124,7 +127,8 @@ def open_results(args, settings: dict) -> ResultsWriter:
     there, checked to have the same settings (ValueError otherwise)."""
     context = {k: v for k, v in settings.items() if v is not None and k != "seeds"}
     return ResultsWriter(args.out, context=context, resume=args.resume,
-                         applies_to={name: {method} for name, method in STRENGTHS.items()})
+                         applies_to={"baseline_epochs": SGD_BASELINES,
+                                     **{name: {method} for name, method in STRENGTHS.items()}})
 
 
 def _flag(name: str) -> str:

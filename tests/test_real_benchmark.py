@@ -74,6 +74,19 @@ def test_regularisation_strengths_reach_the_strategies_and_are_recorded_only_whe
     assert plugins["si"]["CopyingSynapticIntelligencePlugin"].si_lambda == [3.0]
 
 
+def test_baseline_epochs_reach_only_the_sgd_baselines():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--epochs", "20", "--baseline-epochs", "3"])
+    args.benchmark, args.seeds = "split_cifar10_jpeg", None
+    assert (resolve(args)["epochs"], resolve(args)["baseline_epochs"]) == (20, 3)
+    s = methods.MethodSettings(input_dim=4, num_classes=3, key_init_data=torch.zeros(1, 4), epochs=20,
+                               baseline_epochs=3)
+    epochs = {name: methods.METHODS[name](s, make_evaluator([])).train_epochs for name in ("dkvb", "linear", "joint")}
+    assert epochs == {"dkvb": 20, "linear": 3, "joint": 3}
+    assert methods.SGD_BASELINES <= set(methods.METHODS) and "dkvb" not in methods.SGD_BASELINES
+
+
 def test_sweep_runs_each_strength_and_tabulates_them(tmp_path):
     _write_cifar10_jpeg_tree(tmp_path / "data", per_class=2)
     out = tmp_path / "sweep"

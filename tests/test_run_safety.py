@@ -190,6 +190,7 @@ def test_two_runs_on_one_folder_the_second_is_refused_and_a_killed_holder_is_tak
     ({"baseline_lr": float("nan")}, "baseline_lr must be a finite number > 0, got nan."),
     ({"ewc_lambda": -1.0}, "ewc_lambda must be a finite number >= 0, got -1.0."),
     ({"memory": 0}, "memory must be a positive integer, got 0."),
+    ({"baseline_epochs": 0}, "baseline_epochs must be a positive integer, got 0."),
 ])
 def test_method_settings_refuse_what_the_cli_refuses(setting, message):
     import torch
