@@ -141,7 +141,8 @@ def ema_init_keys(
                 pick = torch.randint(batch.shape[1], (C, K), generator=generator, device=heads_all.device).view(-1)
                 dead_rows = dead.nonzero().squeeze(1)
                 heads_of_batch = batch.view(-1, d + 1)  # (C*B, d+1), codebook-major
-                fresh = heads_of_batch.index_select(0, dead_rows // K * batch.shape[1] + pick[dead_rows])[:, :d]
+                sample = dead_rows // K * batch.shape[1] + pick.index_select(0, dead_rows)
+                fresh = heads_of_batch.index_select(0, sample)[:, :d]  # (dead, d)
                 keys_aug[:d].index_copy_(1, dead_rows, fresh.T * -2)
                 keys_aug[d].index_copy_(0, dead_rows, fresh.square().sum(1))
                 if dead_key_rule == "reset":
