@@ -60,6 +60,11 @@ def render_speed(speed: dict) -> str:
         f"| evaluation of 10,000 embeddings, masked search (measured on {sizes['eval_embeddings']:,}) "
         f"| {speed['eval_s_per_10k']:.2f} s | | |",
     ]
+    if "search_fused_s_per_1k" in speed:
+        lines.append(f"| nearest-key search of 1,024 embeddings (all keys), fused kernel "
+                     f"| {speed['search_fused_s_per_1k']:.3f} s | matrix products + argmin: "
+                     f"{speed['search_matmul_s_per_1k']:.3f} s "
+                     f"| {speed['search_matmul_s_per_1k'] / speed['search_fused_s_per_1k']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -155,6 +155,7 @@ def measure_bottleneck(args, device: torch.device) -> dict:
             _synchronize(device)
             eval_times.append(time.perf_counter() - start)
     eval_s = eval_times[-1]
+    search_s = _time_search(trained.bottleneck, test_x[:1024].to(device))
 
     # One generic step, as Avalanche's loop runs it (minus data loading): lookup, autograd, clip, SGD.
     generic = copy.deepcopy(model).train()
@@ -177,7 +178,25 @@ def measure_bottleneck(args, device: torch.device) -> dict:
         "fast_step_speedup": generic_step_s / fast_step_s,
         "key_init_s_per_epoch_10k": key_init_s * 10_000 / len(init_x),
         "eval_s_per_10k": eval_s * 10_000 / len(test_x),
+        "search_fused_s_per_1k": search_s["fused"],
+        "search_matmul_s_per_1k": search_s["matmul"],
     }
+
+
+def _time_search(bottleneck, x: torch.Tensor) -> dict:
+    """Seconds of the nearest-key search of ``x`` (1024 embeddings) with the fused kernel and with the
+    matrix products, alternating 3 times (medians); the fused one is the matrix products where it does
+    not apply (a GPU, no compiler)."""
+    from avalanche_dkvb.bottleneck import augmented_heads, augmented_keys, search_keys
+    heads_aug, keys_aug = augmented_heads(bottleneck.project(x)), augmented_keys(bottleneck.keys)
+    times: dict[str, list[float]] = {"fused": [], "matmul": []}
+    for _ in range(3):
+        for name in times:
+            start = time.perf_counter()
+            search_keys(heads_aug, keys_aug, fused=name == "fused")
+            _synchronize(x.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1024 / len(x) for name, values in times.items()}
 
 
 class EpochTimer(SupervisedPlugin):

@@ -12,7 +12,8 @@ from benchmarks import readme, speed
 
 NUMERIC = ("extraction_images_per_s", "extraction_eager_images_per_s", "extraction_speedup",
            "extraction_max_rel_error", "decode_images_per_s", "fast_step_ms", "generic_step_ms",
-           "fast_step_speedup", "key_init_s_per_epoch_10k", "eval_s_per_10k", "threads", "wall_clock_seconds")
+           "fast_step_speedup", "key_init_s_per_epoch_10k", "eval_s_per_10k", "search_fused_s_per_1k",
+           "search_matmul_s_per_1k", "threads", "wall_clock_seconds")
 TINY = ["--weights", "none", "--image-size", "32", "--extract-images", "6", "--batch-size", "3",
         "--num-workers", "0", "--experiences", "1", "--per-experience", "256", "--epochs", "2",
         "--generic-steps", "1", "--key-init-embeddings", "256", "--eval-embeddings", "64", "--embed-dim", "32",
@@ -56,6 +57,7 @@ def test_readme_speed_table_is_rendered_from_speed_json(tiny_speed, tmp_path, mo
     table = readme.render_speed(tiny_speed)
     assert f"{tiny_speed['extraction_images_per_s']:.1f} img/s" in table
     assert f"{tiny_speed['generic_step_ms']:.1f} ms" in table
+    assert f"{tiny_speed['search_fused_s_per_1k']:.3f} s" in table
     assert tiny_speed["command"] in table
     monkeypatch.chdir(tmp_path)
     (tmp_path / "res").mkdir()
