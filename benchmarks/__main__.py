@@ -13,12 +13,13 @@ fails is reported and the others go on; ``--resume`` runs only the cells not yet
 
 from __future__ import annotations
 
+import _thread
 import argparse
-import contextlib
 import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,9 +182,13 @@ def _embeddings(args: argparse.Namespace, image_set: str, split: str, per_class:
                              download=args.download, image_size=args.image_size, per_class=per_class)
 
 
-def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Failure]:
+def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:
     """Run the unfinished cells of every job on ``args``' engine, each distinct set of embeddings
-    loaded once before the fan-out, and commit each finished cell to its job; the failed cells."""
+    loaded once before the fan-out, and commit each finished cell to its job; the failed cells. A stop
+    signal (of ``stops``, by default the :class:`StopSignals` in force) that did not surface as
+    KeyboardInterrupt stops it at the next step."""
+    stops = stops or StopSignals.active
+    stop_requested = (lambda: False) if stops is None else (lambda: stops.requested)
     shared, cells = {}, []
     for job in jobs:
         skipped = len(job.cells) - len(job.todo)
@@ -192,10 +197,13 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Failure]:
                   flush=True)
         if job.todo and job.data_key not in shared:
             shared[job.data_key] = job.load_data()
+            if stop_requested():
+                raise KeyboardInterrupt
         job.clear_stale_checkpoints()
         cells += [(cell, job.data_key) for cell in job.todo]
     by_out = {job.args.out: job for job in jobs}
-    return engine.run_cells(run_cell, cells, shared, lambda cell, result: by_out[cell.out].commit(cell, result), args)
+    return engine.run_cells(run_cell, cells, shared, lambda cell, result: by_out[cell.out].commit(cell, result), args,
+                            stop_requested=stop_requested)
 
 
 def engine_info(args: argparse.Namespace) -> dict:
@@ -242,14 +250,85 @@ def setup_process(args: argparse.Namespace) -> None:
     cli.hide_avalanche_deprecations()
 
 
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """Within the block, ``kill`` (SIGTERM) stops the run like Ctrl-C (KeyboardInterrupt)."""
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# Libraries whose C++ code calls back into Python and cannot carry a Python exception back out: a
+# KeyboardInterrupt raised there becomes std::terminate (SIGABRT: no status written) or an ordinary
+# error the library recovers from (OpenVINO's model conversion, through pybind11, does both).
+NATIVE_CALLERS = ("openvino",)
+RETRY_SECONDS = 0.05  # how often a stop that waits for such a call to return is tried again
+
+
+def _called_back_from_native_code(frame) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(NATIVE_CALLERS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class StopSignals:
+    """Within the block, Ctrl-C (SIGINT), ``kill`` (SIGTERM) and the end of the terminal or session
+    (SIGHUP) stop the run: the first such signal raises KeyboardInterrupt in the main thread, once,
+    and is remembered (``requested``) so that code which catches the KeyboardInterrupt or turns it
+    into another error cannot make the run carry on (the engine stops after the cell it lands in, and
+    the run ends "interrupted"). Where Python code runs called back from a native library
+    (``NATIVE_CALLERS``), the KeyboardInterrupt waits until that call has returned. After
+    ``finishing()`` (the final status being written) signals are only remembered. A signal ignored
+    when the block starts (``nohup``) stays ignored. ``StopSignals.active``: the one in force."""
+
+    active: "StopSignals | None" = None
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.finished = self.raised = False
+        self._previous: dict = {}
+        self._outer: StopSignals | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def finishing(self) -> None:
+        self.finished = True
+
+    def __enter__(self) -> "StopSignals":
+        self.signum, self.finished, self.raised = None, False, False
+        self._outer, StopSignals.active = StopSignals.active, self
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread handles signals; remembered stops still count here
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                previous = signal.signal(signum, self._handle)
+                self._previous[signum] = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.finished = True
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+        StopSignals.active = self._outer
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        if self.finished or self.raised:
+            return
+        if _called_back_from_native_code(frame):
+            timer = threading.Timer(RETRY_SECONDS, self._retry, (signum,))
+            timer.daemon = True
+            timer.start()
+            return
+        self.raised = True
+        raise KeyboardInterrupt
+
+    def _retry(self, signum: int) -> None:
+        if self._previous and not self.finished:
+            _thread.interrupt_main(signum)  # runs _handle again in the main thread
+
+
+def sigterm_interrupts() -> StopSignals:
+    """Within the block, SIGTERM and SIGHUP stop the run like Ctrl-C (see :class:`StopSignals`)."""
+    return StopSignals()
 
 
 def main(argv=None) -> int:
@@ -257,39 +336,51 @@ def main(argv=None) -> int:
     setup_process(args)
     command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     lock = FolderLock(args.out, command)
-    try:
-        lock.acquire()
-        writer = open_results(args)  # a refused --resume has written nothing
-    except (FolderBusy, ValueError, OSError) as error:
-        lock.release()
-        return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
-    try:
-        if lock.took_over:
-            print(f"Took over the stale lock of {args.out} from pid {lock.took_over.get('pid')} (no longer "
-                  f"running): {lock.took_over.get('command')}", file=sys.stderr)
-        return _run(args, command, writer)
-    except Exception as error:
-        return cli.report(PROG, error, args.debug, cli.RUN_ERROR)
-    finally:
-        lock.release()
+    with StopSignals() as stops:
+        try:
+            lock.acquire()
+            writer = open_results(args)  # a refused --resume has written nothing
+        except (FolderBusy, ValueError, OSError) as error:
+            lock.release()
+            return cli.report(PROG, error, args.debug, cli.USAGE_ERROR)
+        except KeyboardInterrupt:
+            lock.release()
+            print(f"Interrupted before the run started: nothing was written to {args.out}.", file=sys.stderr)
+            return 130
+        try:
+            if lock.took_over:
+                print(f"Took over the stale lock of {args.out} from pid {lock.took_over.get('pid')} (no longer "
+                      f"running): {lock.took_over.get('command')}", file=sys.stderr)
+            return _run(args, command, writer, stops)
+        except Exception as error:
+            return cli.report(PROG, error, args.debug, cli.RUN_ERROR)
+        finally:
+            stops.finishing()
+            lock.release()
 
 
-def _run(args: argparse.Namespace, command: str, writer: ResultsWriter) -> int:
-    """Run the job in the held ``--out``, keeping run.json's status true however it ends."""
+def _run(args: argparse.Namespace, command: str, writer: ResultsWriter, stops: StopSignals) -> int:
+    """Run the job in the held ``--out``, keeping run.json's status true however it ends: from the
+    "running" written first to the final status, a stop signal ends the run "interrupted" (even one
+    that the code it landed in swallowed or turned into another error), and the final status is
+    written atomically with further signals held off."""
     start = time.perf_counter()
     write_run_info(args.out, args, command, 0.0, "running")
     try:
-        with sigterm_interrupts():
-            job = Job(args, writer)
-            failures = run_jobs([job], args)
+        job = Job(args, writer)
+        failures = run_jobs([job], args, stops)
+        if stops.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        write_run_info(args.out, args, command, time.perf_counter() - start, "interrupted")
-        print(f"Interrupted: the finished runs are in {args.out}; --resume continues from them.", file=sys.stderr)
-        return 130
+        return _interrupted(args, command, time.perf_counter() - start, stops)
     except Exception as error:
+        if stops.requested:  # the KeyboardInterrupt, turned into another error where it landed
+            return _interrupted(args, command, time.perf_counter() - start, stops)
+        stops.finishing()
         write_run_info(args.out, args, command, time.perf_counter() - start, "failed",
                        error=f"{type(error).__name__}: {error}")
         raise
+    stops.finishing()
     seconds = time.perf_counter() - start
     if failures:
         write_run_info(args.out, args, command, seconds, "failed", error=failure_message(failures, len(job.todo)),
@@ -308,6 +399,13 @@ def _run(args: argparse.Namespace, command: str, writer: ResultsWriter) -> int:
               f"--resume runs the others again.", file=sys.stderr)
         return cli.RUN_ERROR
     return 0
+
+
+def _interrupted(args: argparse.Namespace, command: str, seconds: float, stops: StopSignals) -> int:
+    stops.finishing()
+    write_run_info(args.out, args, command, seconds, "interrupted")
+    print(f"Interrupted: the finished runs are in {args.out}; --resume continues from them.", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

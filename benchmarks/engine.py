@@ -114,23 +114,29 @@ def _error_text(error: BaseException) -> str:
 
 
 def run_cells(work: Callable[[Any, Any], Any], cells: Sequence[tuple[Any, Hashable]], shared: dict[Hashable, Any],
-              commit: Callable[[Any, Any], None], args: argparse.Namespace) -> list[Failure]:
+              commit: Callable[[Any, Any], None], args: argparse.Namespace,
+              stop_requested: Callable[[], bool] = lambda: False) -> list[Failure]:
     """Run ``work(cell, shared[data_key])`` for each ``(cell, data_key)`` of ``cells`` on ``args.engine``,
     calling ``commit(cell, result)`` in this process for each cell that finishes (in the order they
-    finish); return the failures. ``work`` must be importable by name (or picklable) for Ray."""
+    finish); return the failures. ``work`` must be importable by name (or picklable) for Ray. Once
+    ``stop_requested()`` (a stop signal arrived), the job stops with KeyboardInterrupt after the cell
+    that finishes or fails next, and that failure is not recorded: it is the KeyboardInterrupt of the
+    signal, swallowed or turned into another error by the code it landed in."""
     progress = Progress(len(cells))
     if args.engine == "local":
-        return _run_local(work, cells, shared, commit, progress)
-    return _run_ray(work, cells, shared, commit, progress, args)
+        return _run_local(work, cells, shared, commit, progress, stop_requested)
+    return _run_ray(work, cells, shared, commit, progress, args, stop_requested)
 
 
-def _run_local(work, cells, shared, commit, progress: Progress) -> list[Failure]:
+def _run_local(work, cells, shared, commit, progress: Progress, stop_requested=lambda: False) -> list[Failure]:
     failures = []
     for index, (cell, data_key) in enumerate(cells):
         running = int(index + 1 < len(cells))  # the next cell, started right after this line
         try:
             result = work(cell, shared[data_key])
         except Exception as error:  # the cell's own failure; KeyboardInterrupt stops the job
+            if stop_requested():
+                raise KeyboardInterrupt from error
             failures.append(Failure(cell, _error_text(error)))
             progress.failed += 1
             progress.report(running, f"{cell} failed: {failures[-1].error}")
@@ -138,6 +144,8 @@ def _run_local(work, cells, shared, commit, progress: Progress) -> list[Failure]
         commit(cell, result)
         progress.finished += 1
         progress.report(running, f"{cell} finished")
+        if stop_requested():
+            raise KeyboardInterrupt
     return failures
 
 
@@ -147,7 +155,8 @@ def _ray_task(work, cell, data, threads: int):
     return work(cell, data)
 
 
-def _run_ray(work, cells, shared, commit, progress: Progress, args) -> list[Failure]:
+def _run_ray(work, cells, shared, commit, progress: Progress, args,
+             stop_requested=lambda: False) -> list[Failure]:
     import ray  # only here: the local engine never imports Ray
 
     started_here = not ray.is_initialized()
@@ -185,7 +194,11 @@ def _run_ray(work, cells, shared, commit, progress: Progress, args) -> list[Fail
                     commit(cell, result)
                     progress.finished += 1
                     progress.report(min(len(pending), slots), f"{cell} finished")
+                    if stop_requested():
+                        raise KeyboardInterrupt
                     continue
+                if stop_requested():  # not the cell's failure: the stop signal, where it landed
+                    raise KeyboardInterrupt
                 progress.failed += 1
                 progress.report(min(len(pending), slots), f"{cell} failed: {failures[-1].error}")
         except BaseException:  # Ctrl-C, SIGTERM or a failed commit: stop the cells still queued or running

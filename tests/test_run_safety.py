@@ -20,6 +20,7 @@ from benchmarks.folder_lock import LOCK_NAME, FolderBusy, FolderLock
 from benchmarks.merge import main as merge_main
 from benchmarks.outputs import ResultsWriter
 from benchmarks.runner import RunResult
+from benchmarks.toy2d import GRID
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = ["--benchmark", "split_cifar10_jpeg", "--quick", "--weights", "none", "--threads", "1"]
@@ -220,3 +221,134 @@ def test_a_strength_is_written_only_on_its_methods_rows(tmp_path):
     assert resumed.done("bench", "ncm", 0)
     with pytest.raises(ValueError, match=r"has ewc_lambda=\['7.0'\], this run has ewc_lambda=None"):
         ResultsWriter(tmp_path, context={"epochs": 3}, applies_to={"ewc_lambda": {"ewc"}}, resume=True)
+
+
+# A stand-in for a native extension in the middle of an evaluation: Python code called back from C++
+# (pybind11), which turns the KeyboardInterrupt of a signal landing there into an ordinary error, as
+# OpenVINO's model conversion does ("KeyboardInterrupt: <EMPTY MESSAGE>"). Only the mlp cell's first
+# evaluation waits there (at most 60 s), after printing a line the test waits for.
+_NATIVE_EVALUATION = """
+import sys, time
+import torch
+from avalanche.training.templates.base_sgd import BaseSGDTemplate
+evaluate = BaseSGDTemplate.eval
+waited = []
+def eval(self, *args, **kwargs):
+    if isinstance(self.model, torch.nn.Sequential) and not waited:
+        waited.append(True)
+        try:
+            print("EVALUATING INSIDE THE EXTENSION", flush=True)
+            for _ in range(1200):
+                time.sleep(0.05)
+        except KeyboardInterrupt as error:
+            raise RuntimeError(f"KeyboardInterrupt: {str(error) or '<EMPTY MESSAGE>'}") from None
+    return evaluate(self, *args, **kwargs)
+BaseSGDTemplate.eval = eval
+from benchmarks.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_evaluation_stops_the_run_as_interrupted_even_where_the_code_it_lands_in_converts_it(tmp_path):
+    """Real process: the linear cell finishes, then `kill` (SIGTERM) lands in the mlp cell's
+    evaluation, inside code that turns the KeyboardInterrupt into another error. The run must stop
+    (not report a failed cell and go on), say so, mark run.json interrupted, keep the linear cell's
+    rows intact and leave no half-written file or lock."""
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-c", _NATIVE_EVALUATION, "--methods", "linear,mlp", "--seeds", "0",
+                            "--threads", "1", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in job.stdout:  # the progress output: wait until the mlp cell is evaluating
+            lines.append(line)
+            if "EVALUATING INSIDE THE EXTENSION" in line:
+                break
+        assert "linear seed 0 finished" in "".join(lines), "".join(lines)
+        job.send_signal(signal.SIGTERM)
+        rest, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 130, (job.returncode, err)
+    assert "Interrupted: the finished runs are in" in err and "failed" not in rest + err, (rest, err)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and "failed_cells" not in info, info
+    results = pd.read_csv(out / "results.csv")
+    assert results.method.tolist() == ["linear"] and results.final_accuracy.between(0, 1).all()
+    matrix = pd.read_csv(out / "accuracy_matrix.csv")
+    assert set(matrix.method) == {"linear"} and len(matrix) == 4 * 4 and matrix.accuracy.between(0, 1).all()
+    assert not list(out.rglob(".*.tmp")) and not (out / LOCK_NAME).exists()
+
+
+def _own_handler(signum) -> bool:
+    """Whether the program handles ``signum`` itself (not the default action, not Python's plain Ctrl-C)."""
+    return signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_swallowed_stop_signal_still_ends_the_run_interrupted_and_cannot_cut_the_final_status_short(
+        tmp_path, capsys, monkeypatch, signal_name):
+    """In process: the signal lands in the linear cell inside code that swallows the KeyboardInterrupt
+    (a library falling back, like OpenVINO's conversion). The cell's result is kept, the mlp cell is
+    not started, and run.json ends "interrupted". From the "running" status to the final one the
+    program handles the signal itself, and a signal during the final write is held off."""
+    import benchmarks.__main__ as cli_main
+
+    signum = getattr(signal, signal_name)
+    ran, statuses = [], []
+
+    def run_cell(cell, data):
+        ran.append(cell.method)
+        assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None), f"{signal_name} would kill"
+        try:
+            signal.raise_signal(signum)
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass  # swallowed where it landed
+        grid = np.zeros((GRID, GRID), dtype=np.int64)
+        return RunResult(np.eye(4), np.ones(4), np.ones(4), forgetting=0.0, bwt=0.0, train_seconds=1.0,
+                         extra={"regions": [grid] * 4})
+
+    write = cli_main.write_run_info
+
+    def write_run_info(out, args, command, seconds, status, **kwargs):
+        statuses.append((status, all(_own_handler(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))))
+        if status != "running" and statuses[-1][1]:
+            signal.raise_signal(signum)  # a second signal while the final status is written
+        write(out, args, command, seconds, status, **kwargs)
+
+    monkeypatch.setattr(cli_main, "run_cell", run_cell)
+    monkeypatch.setattr(cli_main, "write_run_info", write_run_info)
+    out = tmp_path / "out"
+    assert main(["--methods", "linear,mlp", "--seeds", "0", "--threads", "1", "--out", str(out)]) == 130
+    assert "Interrupted: the finished runs are in" in capsys.readouterr().err
+    assert ran == ["linear"]
+    assert statuses == [("running", True), ("interrupted", True)]
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert pd.read_csv(out / "results.csv").method.tolist() == ["linear"]
+    assert not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back as it was
+
+
+def test_a_stop_signal_landing_in_code_called_back_from_a_native_library_waits_until_it_returns():
+    """A KeyboardInterrupt raised inside Python code that C++ called (pybind11) aborts the process or
+    is swallowed; there the stop waits until the call has returned, then raises in the caller."""
+    from benchmarks.__main__ import NATIVE_CALLERS, StopSignals
+
+    where = []
+    stand_in = {"__name__": f"{NATIVE_CALLERS[0]}.stand_in", "signal": signal, "time": time, "where": where}
+    exec("def convert():\n"
+         "    try:\n"
+         "        signal.raise_signal(signal.SIGTERM)\n"
+         "        time.sleep(0.3)\n"
+         "    except KeyboardInterrupt:\n"
+         "        where.append('inside the native call')\n", stand_in)
+    with StopSignals() as stops:
+        try:
+            stand_in["convert"]()
+            assert stops.requested
+            for _ in range(100):
+                time.sleep(0.02)
+        except KeyboardInterrupt:
+            where.append("after it returned")
+    assert where == ["after it returned"]
