@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
@@ -31,11 +31,13 @@ from benchmarks.methods import METHODS, MethodSettings
 
 
 def make_evaluator(loggers: list, diagnostics: bool = False) -> EvaluationPlugin:
-    """Accuracy per experience and stream, the headline metrics (class-balanced accuracy, accuracy on
-    the classes seen so far, the accuracy matrix), forgetting and BWT; with ``diagnostics``, DKVB's
-    key and value diagnostics."""
+    """Training accuracy and loss per epoch (without them Avalanche's CSVLogger writes 0 in every row of
+    ``training_results.csv``), accuracy per experience and stream, the headline metrics (class-balanced
+    accuracy, accuracy on the classes seen so far, the accuracy matrix), forgetting and BWT; with
+    ``diagnostics``, DKVB's key and value diagnostics."""
     return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
+        accuracy_metrics(epoch=True, experience=True, stream=True),
+        loss_metrics(epoch=True),
         *headline_metrics(),
         forgetting_metrics(stream=True),
         bwt_metrics(stream=True),

@@ -76,6 +76,8 @@ def test_summary_and_plots_written(job_output):
         assert png.exists() and png.stat().st_size > 1000
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / "logs" / f"{method}_seed0" / "eval_results.csv").exists()
+        training = pd.read_csv(out / "logs" / f"{method}_seed0" / "training_results.csv")
+        assert (training.training_loss > 0).all() and training.training_accuracy.max() > 0.5  # not 0 placeholders
     assert (out / "summary.csv").exists()
     assert seconds < 300, f"the main job took {seconds:.0f} s for one seed"
 
