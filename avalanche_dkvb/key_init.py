@@ -103,8 +103,8 @@ def ema_init_keys(
     unused; ``"reset"`` also sets its sum to the fresh head and its size to 1, so it stays there until
     the data moves it. ``progress(epoch, quantisation_error)`` is called after each epoch if given.
 
-    All heads are projected once, and shuffled once an epoch: twice (C, N, d+1) floats in memory
-    (2 x 768 MB for 50,000 samples at C 256, d 14). The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
+    All heads are projected once and shuffled in place once an epoch: (C, N, d+1) floats in memory
+    (768 MB for 50,000 samples at C 256, d 14), so each batch is a contiguous slice. The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
     (index_add_) and the keys feed the search without a copy.
     """
     if not 0.0 <= decay < 1.0:
@@ -122,11 +122,13 @@ def ema_init_keys(
     torch.mul(embed_sum, -2, out=keys_aug[:d])  # [-2 key; |key|^2]: the keys are keys_aug[:d] * -0.5, exactly
     _set_square_norms(keys_aug)
     search_view = keys_aug.view(d + 1, C, K).transpose(0, 1)  # (C, d+1, K), no copy
+    held = torch.arange(data.shape[0], device=heads_all.device)  # heads_all[:, i] is sample held[i]'s heads
     for epoch in range(epochs):
         order = torch.randperm(data.shape[0], generator=generator).to(heads_all.device)
-        shuffled = heads_all[:, order]  # (C, N, d+1): one gather an epoch, then contiguous batches
+        _permute_samples(heads_all, held.argsort()[order])  # now heads_all[:, i] is sample order[i]'s
+        held = order
         for start in range(0, data.shape[0], batch_size):
-            batch = shuffled[:, start:start + batch_size].contiguous()  # (C, B, d+1)
+            batch = heads_all[:, start:start + batch_size].contiguous()  # (C, B, d+1)
             idx = search_keys(batch, search_view, 1, bottleneck.lookup_chunk_elements)[..., 0]  # (C, B)
             flat = (idx + offsets).flatten()  # rows of (C*K), codebook-major like the batch
             counts = torch.bincount(flat, minlength=C * K).to(cluster_size.dtype)
@@ -151,6 +153,13 @@ def ema_init_keys(
         bottleneck.set_keys((keys_aug[:d] * -0.5).T.reshape(C, K, d))
         if progress is not None:
             progress(epoch, float(bottleneck.quantization_error(data[:4096])))
+
+
+def _permute_samples(heads_all: torch.Tensor, columns: torch.Tensor, codebooks_per_copy: int = 16) -> None:
+    """``heads_all[:, :] = heads_all[:, columns]`` in place, a few codebooks at a time, so the extra memory
+    is a few codebooks' heads, not a second (C, N, d+1) copy."""
+    for chunk in heads_all.split(codebooks_per_copy):
+        chunk.copy_(chunk.index_select(1, columns))
 
 
 def _set_square_norms(keys_aug: torch.Tensor) -> None:
