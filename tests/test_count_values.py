@@ -198,7 +198,9 @@ def test_distance_weighted_top_k_is_order_invariant_and_unlearns_exactly(data):
                          stream(data, (2, 3, 0, 1)))
     assert forward.class_weights.dtype == torch.float64
     torch.testing.assert_close(forward.class_weights.sum(), torch.tensor(160.0 * 8 * 3, dtype=torch.float64))
-    torch.testing.assert_close(forward.class_weights, backward.class_weights, rtol=0, atol=1e-9)
+    # the weights come from float32 heads whose rounding depends on the minibatch size (16 against 7: BLAS
+    # takes other kernels), so the float64 sums agree to that rounding, not to float64's
+    torch.testing.assert_close(forward.class_weights, backward.class_weights, rtol=0, atol=1e-5)
     assert torch.equal(forward.class_counts, backward.class_counts)  # selections: the uniform table
     torch.testing.assert_close(forward.model.bottleneck.values, backward.model.bottleneck.values, rtol=0, atol=1e-6)
 

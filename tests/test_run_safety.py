@@ -319,6 +319,7 @@ def test_a_swallowed_stop_signal_still_ends_the_run_interrupted_and_cannot_cut_t
 
     monkeypatch.setattr(cli_main, "run_cell", run_cell)
     monkeypatch.setattr(cli_main, "write_run_info", write_run_info)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}  # e.g. Ray's
     out = tmp_path / "out"
     assert main(["--methods", "linear,mlp", "--seeds", "0", "--threads", "1", "--out", str(out)]) == 130
     assert "Interrupted: the finished runs are in" in capsys.readouterr().err
@@ -327,7 +328,7 @@ def test_a_swallowed_stop_signal_still_ends_the_run_interrupted_and_cannot_cut_t
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert pd.read_csv(out / "results.csv").method.tolist() == ["linear"]
     assert not (out / LOCK_NAME).exists()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back as it was
+    assert {s: signal.getsignal(s) for s in before} == before  # put back as they were
 
 
 def test_a_stop_signal_landing_in_code_called_back_from_a_native_library_waits_until_it_returns():
