@@ -185,9 +185,7 @@ def _embeddings(args: argparse.Namespace, image_set: str, split: str, per_class:
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:
     """Run the unfinished cells of every job on ``args``' engine, each distinct set of embeddings
     loaded once before the fan-out, and commit each finished cell to its job; the failed cells. A stop
-    signal (of ``stops``, by default the :class:`StopSignals` in force) that did not surface as
-    KeyboardInterrupt stops it at the next step."""
-    stops = stops or StopSignals.active
+    signal of ``stops`` that did not surface as KeyboardInterrupt stops it at the next step."""
     stop_requested = (lambda: False) if stops is None else (lambda: stops.requested)
     shared, cells = {}, []
     for job in jobs:
@@ -274,15 +272,12 @@ class StopSignals:
     the run ends "interrupted"). Where Python code runs called back from a native library
     (``NATIVE_CALLERS``), the KeyboardInterrupt waits until that call has returned. After
     ``finishing()`` (the final status being written) signals are only remembered. A signal ignored
-    when the block starts (``nohup``) stays ignored. ``StopSignals.active``: the one in force."""
-
-    active: "StopSignals | None" = None
+    when the block starts (``nohup``) stays ignored."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.finished = self.raised = False
         self._previous: dict = {}
-        self._outer: StopSignals | None = None
 
     @property
     def requested(self) -> bool:
@@ -293,7 +288,6 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         self.signum, self.finished, self.raised = None, False, False
-        self._outer, StopSignals.active = StopSignals.active, self
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread handles signals; remembered stops still count here
         for signum in STOP_SIGNALS:
@@ -307,7 +301,6 @@ class StopSignals:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
-        StopSignals.active = self._outer
 
     def _handle(self, signum, frame) -> None:
         self.signum = self.signum or signum
@@ -324,11 +317,6 @@ class StopSignals:
     def _retry(self, signum: int) -> None:
         if self._previous and not self.finished:
             _thread.interrupt_main(signum)  # runs _handle again in the main thread
-
-
-def sigterm_interrupts() -> StopSignals:
-    """Within the block, SIGTERM and SIGHUP stop the run like Ctrl-C (see :class:`StopSignals`)."""
-    return StopSignals()
 
 
 def main(argv=None) -> int:

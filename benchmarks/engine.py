@@ -128,7 +128,7 @@ def run_cells(work: Callable[[Any, Any], Any], cells: Sequence[tuple[Any, Hashab
     return _run_ray(work, cells, shared, commit, progress, args, stop_requested)
 
 
-def _run_local(work, cells, shared, commit, progress: Progress, stop_requested=lambda: False) -> list[Failure]:
+def _run_local(work, cells, shared, commit, progress: Progress, stop_requested) -> list[Failure]:
     failures = []
     for index, (cell, data_key) in enumerate(cells):
         running = int(index + 1 < len(cells))  # the next cell, started right after this line
@@ -155,8 +155,7 @@ def _ray_task(work, cell, data, threads: int):
     return work(cell, data)
 
 
-def _run_ray(work, cells, shared, commit, progress: Progress, args,
-             stop_requested=lambda: False) -> list[Failure]:
+def _run_ray(work, cells, shared, commit, progress: Progress, args, stop_requested) -> list[Failure]:
     import ray  # only here: the local engine never imports Ray
 
     started_here = not ray.is_initialized()

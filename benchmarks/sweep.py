@@ -24,7 +24,7 @@ from avalanche_dkvb.atomic_files import atomic_write_text
 from avalanche_dkvb.validation import check_non_negative_float
 from benchmarks import cli
 from benchmarks.__main__ import (PROG as BENCHMARK_PROG, Job, failure_message, open_results, run_jobs, setup_process,
-                                 sigterm_interrupts, write_run_info)
+                                 StopSignals, write_run_info)
 from benchmarks.__main__ import parse_args as parse_benchmark_args
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import summarise, to_markdown
@@ -117,8 +117,8 @@ def _sweep(args: argparse.Namespace, benchmark_args: list[str], command: str, jo
 
     record("running")
     try:
-        with sigterm_interrupts():
-            failures = run_jobs(jobs, args.settings)
+        with StopSignals() as stops:
+            failures = run_jobs(jobs, args.settings, stops)
     except KeyboardInterrupt:
         record("interrupted")
         print(f"Interrupted: the finished runs are in {args.out}; running the sweep again continues from them.",
