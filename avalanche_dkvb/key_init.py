@@ -104,8 +104,9 @@ def ema_init_keys(
     the data moves it. ``progress(epoch, quantisation_error)`` is called after each epoch if given.
 
     All heads are projected once and shuffled in place once an epoch: (C, N, d+1) floats in memory
-    (768 MB for 50,000 samples at C 256, d 14), so each batch is a contiguous slice. The EMA state is kept dimension-major (d, C*K), so each batch's updates are one scatter
-    (index_add_) and the keys feed the search without a copy.
+    (768 MB for 50,000 samples at C 256, d 14), so each batch is a contiguous slice. The EMA state is
+    kept dimension-major (d, C*K), so each batch's updates are one scatter (index_add_) and the keys
+    feed the search without a copy.
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}.")

@@ -82,9 +82,10 @@ def _mlp(s: MethodSettings) -> nn.Module:
 def _sgd(strategy_cls, model: nn.Module, s: MethodSettings, evaluator, in_memory: bool = True, **kwargs):
     """An SGD-trained Avalanche strategy with the baseline protocol."""
     plugins = [GradientClipPlugin(1.0)] + ([InMemoryBatchesPlugin()] if in_memory else [])
+    epochs = s.epochs if s.baseline_epochs is None else s.baseline_epochs
     return strategy_cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=s.baseline_lr),
                         criterion=nn.CrossEntropyLoss(label_smoothing=0.1), train_mb_size=256,
-                        train_epochs=s.epochs if s.baseline_epochs is None else s.baseline_epochs, eval_mb_size=1024, device=s.device, plugins=plugins,
+                        train_epochs=epochs, eval_mb_size=1024, device=s.device, plugins=plugins,
                         evaluator=evaluator, **kwargs)
 
 

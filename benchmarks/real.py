@@ -81,14 +81,16 @@ def resolve(args) -> dict:
         "experiences": pick("experiences", DEFAULT_EXPERIENCES[spec.image_set]),
         "train_per_class": pick("train_per_class", None), "test_per_class": pick("test_per_class", None),
         "key_init_per_class": pick("key_init_per_class", None),
-        "epochs": pick("epochs", 2000), "baseline_epochs": args.baseline_epochs, "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
+        "epochs": pick("epochs", 2000), "baseline_epochs": args.baseline_epochs,
+        "key_init_epochs": pick("key_init_epochs", 10), "memory": args.memory,
         "ridge_projection": pick("ridge_projection", 5000), "seeds": pick("seeds", [0, 1, 2]),
         **{name: getattr(args, name) for name in STRENGTHS},  # None (the default) leaves no column
     }
 
 
 POSITIVE_INTS = ("image_size", "train_per_class", "test_per_class", "key_init_per_class", "epochs",
-                 "baseline_epochs", "key_init_epochs", "memory", "ridge_projection")  # None: the default, left unchecked
+                 "baseline_epochs", "key_init_epochs", "memory",
+                 "ridge_projection")  # None: the default, left unchecked
 
 
 def flags_set(args) -> list[str]:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from avalanche_dkvb import DKVB, create_dkvb_model, ema_init_keys
 from avalanche_dkvb.atomic_files import atomic_write_text
+from avalanche_dkvb.bottleneck import augmented_heads, augmented_keys, search_keys
 from avalanche_dkvb.data import load_image_set
 from avalanche_dkvb.data.streams import make_class_incremental_benchmark
 from avalanche_dkvb.embeddings import extract_embeddings
@@ -187,7 +188,6 @@ def _time_search(bottleneck, x: torch.Tensor) -> dict:
     """Seconds of the nearest-key search of ``x`` (1024 embeddings) with the fused kernel and with the
     matrix products, alternating 3 times (medians); the fused one is the matrix products where it does
     not apply (a GPU, no compiler)."""
-    from avalanche_dkvb.bottleneck import augmented_heads, augmented_keys, search_keys
     heads_aug, keys_aug = augmented_heads(bottleneck.project(x)), augmented_keys(bottleneck.keys)
     times: dict[str, list[float]] = {"fused": [], "matmul": []}
     for _ in range(3):

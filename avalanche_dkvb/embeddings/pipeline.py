@@ -61,14 +61,16 @@ def cached_embeddings(
                             archive_dir=archive_dir)
     dataset = images.dataset
     cache = EmbeddingCache(default_cache_root() if cache_root is None else cache_root)
-    full_key = EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": None})
+
+    def key_of(subset: int | None) -> dict:
+        return EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": subset})
+
     if per_class is not None:
         keep = first_per_class(images.targets, per_class)
         dataset = Subset(dataset, keep)
-    key = EmbeddingCache.key_for(spec.fingerprint(weights), images.identity, split, extra={"per_class": per_class})
 
     def compute():
-        full = cache.find(full_key) if per_class is not None else None
+        full = cache.find(key_of(None)) if per_class is not None else None
         if full is not None and np.array_equal(full.labels, images.targets):
             # The whole split is cached, rows in data set order: its first-per-class rows are the subset's
             # embeddings (same images, same encoder), so nothing is extracted again.
@@ -77,7 +79,7 @@ def cached_embeddings(
         return extract_embeddings(model, dataset, batch_size=batch_size, num_workers=num_workers,
                                   desc=f"{encoder} {image_set}/{split} ({model.backend})")
 
-    return cache.get_or_compute(key, compute)
+    return cache.get_or_compute(key_of(per_class), compute)
 
 
 def first_per_class(targets: np.ndarray, per_class: int) -> list[int]:
