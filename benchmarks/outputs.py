@@ -4,6 +4,7 @@ and re-written after each finished run so an interrupted job keeps everything it
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,11 @@ class ResultsWriter:
         return pd.DataFrame(self.rows, columns=RESULT_COLUMNS + list(self.context))
 
     def write(self) -> None:
-        atomic_write_text(self.out_dir / "results.csv", self.results.to_csv(index=False))
+        """Each file atomically; results.csv last, so it is the commit record: a process killed between
+        the two writes leaves the previous results.csv and a matrix one run ahead (see load_results)."""
         atomic_write_text(self.out_dir / "accuracy_matrix.csv",
                           pd.DataFrame(self.matrix_rows).to_csv(index=False))
+        atomic_write_text(self.out_dir / "results.csv", self.results.to_csv(index=False))
         summary = summarise(self.results)
         atomic_write_text(self.out_dir / "summary.csv", summary.to_csv(index=False))
         atomic_write_text(self.out_dir / "summary.md", to_markdown(summary))
@@ -108,7 +111,9 @@ def load_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``run_dir``'s results.csv and accuracy_matrix.csv after checking they are what
     :class:`ResultsWriter` writes: readable CSV, the expected columns, at least one row, accuracies
     in [0, 1], forgetting and BWT in [-1, 1] (or empty), no (benchmark, method, seed) twice, and a
-    matrix for exactly the runs in results.csv. ValueError naming the file and the problem otherwise."""
+    matrix for every run in results.csv. ValueError naming the file and the problem otherwise. Matrix
+    rows of runs not in results.csv are the trace of a write interrupted before its results.csv (which
+    :meth:`ResultsWriter.write` writes last): they are dropped, with a warning naming them."""
     results = _read_csv(run_dir / "results.csv", RESULT_COLUMNS)
     _check_range(results, run_dir / "results.csv", ["final_accuracy", "avg_incremental_accuracy"], 0, 1)
     _check_range(results, run_dir / "results.csv", ["forgetting", "bwt"], -1, 1, allow_empty=True)
@@ -117,9 +122,15 @@ def load_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     _check_range(matrices, run_dir / "accuracy_matrix.csv", ["accuracy"], 0, 1)
     _check_unique(matrices, run_dir / "accuracy_matrix.csv", KEY + ["after_experience", "on_experience"])
     runs, matrix_runs = (set(map(tuple, frame[KEY].astype(str).values)) for frame in (results, matrices))
-    if runs != matrix_runs:
+    if runs - matrix_runs:
         raise ValueError(f"{run_dir / 'accuracy_matrix.csv'} does not match {run_dir / 'results.csv'}: runs "
-                         f"{sorted(runs - matrix_runs)} have no matrix, {sorted(matrix_runs - runs)} no result row.")
+                         f"{sorted(runs - matrix_runs)} have no matrix.")
+    if matrix_runs - runs:
+        warnings.warn(f"{run_dir / 'accuracy_matrix.csv'} holds runs {sorted(matrix_runs - runs)} that "
+                      f"{run_dir / 'results.csv'} does not (a write was interrupted before results.csv); "
+                      f"they are dropped and will run again.", RuntimeWarning, stacklevel=2)
+        committed = matrices[KEY].astype(str).apply(tuple, axis=1).isin(runs)
+        matrices = matrices[committed].reset_index(drop=True)
     return results, matrices
 
 

@@ -125,6 +125,34 @@ def test_damaged_inputs_before_resume_or_merge_are_named_in_one_line(tmp_path, c
     assert message in _one_error_line(capsys)
 
 
+def test_a_write_killed_between_matrix_and_results_resumes_from_results_csv(tmp_path, monkeypatch):
+    """ResultsWriter writes accuracy_matrix.csv, then results.csv: a process killed in between leaves the
+    previous results.csv and a matrix one run ahead. Resuming keeps the committed run, drops the
+    uncommitted run's matrix rows (with a warning) and would run it again."""
+    import benchmarks.outputs as outputs
+
+    out = tmp_path / "out"
+    _finished_real_run(out, epochs=3)
+    writer = ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": 3}, resume=True)
+    write = outputs.atomic_write_text
+
+    def killed_before_results(path, text):
+        if path.name == "results.csv":
+            raise KeyboardInterrupt  # SIGKILL here: the matrix is already replaced, results.csv not yet
+        write(path, text)
+
+    monkeypatch.setattr(outputs, "atomic_write_text", killed_before_results)
+    with pytest.raises(KeyboardInterrupt):
+        writer.add("split_cifar10_jpeg", "ncm", 1, RunResult(np.eye(2), np.ones(2), np.ones(2), forgetting=0.0,
+                                                                bwt=0.0, train_seconds=1.0))
+    monkeypatch.setattr(outputs, "atomic_write_text", write)
+    assert set(pd.read_csv(out / "accuracy_matrix.csv").seed) == {0, 1}
+    with pytest.warns(RuntimeWarning, match=r"holds runs \[\('split_cifar10_jpeg', 'ncm', '1'\)\] that .* does not"):
+        resumed = ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": 3}, resume=True)
+    assert resumed.done("split_cifar10_jpeg", "ncm", 0) and not resumed.done("split_cifar10_jpeg", "ncm", 1)
+    assert {row["seed"] for row in resumed.matrix_rows} == {0}
+
+
 def test_an_error_marks_run_json_failed_with_the_message(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(REAL + ["--epochs", "1", "--out", str(out), "--data-root", str(tmp_path / "no-data")]) == 1
