@@ -6,11 +6,10 @@ below the machine's peak and every score goes through memory twice. This kernel 
 and 16 keys in registers, accumulates their scores over the d+1 rows of the augmented keys and folds
 them into a running (score, index) minimum per head and lane, so a score is never written anywhere.
 
-It is C++ (GCC vector extensions, one clone per x86-64 level chosen at run time, no ``-march=native``
-so a build cached on a shared disk runs on every node), compiled on first use by
-``torch.utils.cpp_extension.load_inline`` into torch's extension cache (about 40 s once per machine
-and torch version). Where it cannot be built (no C++ compiler or ninja) :func:`native_search` returns
-None with a warning, and ``search_keys`` uses the matrix products.
+It is C++ (GCC vector extensions, one clone per x86-64 level chosen at run time), built on first use
+by :func:`avalanche_dkvb.native.build_extension` (about 40 s once per machine and torch version). Where
+it cannot be built (no C++ compiler or ninja) :func:`native_search` returns None with a warning, and
+``search_keys`` uses the matrix products.
 
 Scores are summed in a different order from the matrix product's, so an exact near-tie (two keys
 within float32 rounding of each other) can go the other way; the chosen key is always a nearest key
@@ -20,10 +19,9 @@ lowest index, as ``argmin``.
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
+
+from avalanche_dkvb.native import build_extension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -111,21 +109,13 @@ torch::Tensor nearest_keys(torch::Tensor heads_aug, torch::Tensor keys_aug) {
 """
 
 
-@functools.lru_cache(maxsize=None)
 def native_search():
     """The compiled kernel's ``nearest_keys(heads_aug, keys_aug)`` (CPU, float32; heads contiguous,
     keys unit-strided along K: (C, B, d+1), (C, d+1, K) -> (C, B) int64), or None where it cannot be
     built (warned once)."""
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline("avalanche_dkvb_nearest_keys_v2", cpp_sources=_SOURCE, functions=["nearest_keys"],
-                             extra_cflags=["-O3"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, unsupported platform, ...
-        warnings.warn(f"The fused CPU key search could not be built ({type(error).__name__}: {error}); "
-                      f"searching with matrix products instead (same keys, slower).", RuntimeWarning, stacklevel=2)
-        return None
-    return module.nearest_keys
+    module = build_extension("avalanche_dkvb_nearest_keys_v2", _SOURCE, ("nearest_keys",),
+                             "searching with matrix products instead (same keys, slower)")
+    return None if module is None else module.nearest_keys
 
 
 def can_use_native_search(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int) -> bool:
