@@ -9,11 +9,12 @@ labels, and both refuse to run once the keys are frozen.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from avalanche_dkvb.bottleneck import KeyValueBottleneck, search_keys
+from avalanche_dkvb.native_ema import can_use_native_ema, native_ema
 from avalanche_dkvb.validation import check_finite, check_positive_int
 
 
@@ -105,8 +106,10 @@ def ema_init_keys(
 
     All heads are projected once and shuffled in place once an epoch: (C, N, d+1) floats in memory
     (768 MB for 50,000 samples at C 256, d 14), so each batch is a contiguous slice. The EMA state is
-    kept dimension-major (d, C*K), so each batch's updates are one scatter (index_add_) and the keys
-    feed the search without a copy.
+    kept dimension-major (d, C*K), so the keys feed the search without a copy. On the CPU in float32
+    each batch's update is :mod:`avalanche_dkvb.native_ema`'s one pass over that state (the same keys,
+    bit for bit where torch uses FMA); elsewhere, or where it cannot be built, torch operations
+    (``_torch_ema_update``: a scatter with ``index_add_`` and a few passes).
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}.")
@@ -116,13 +119,14 @@ def ema_init_keys(
     C, K, d = bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.key_dim
     threshold = 0.1 * batch_size / K if dead_threshold is None else dead_threshold
     heads_all = _augmented_heads_of(bottleneck, data)  # (C, N, d+1)
-    offsets = (torch.arange(C, device=heads_all.device) * K).unsqueeze(1)  # (C, 1)
     embed_sum = bottleneck.keys.reshape(C * K, d).T.contiguous()  # (d, C*K)
     cluster_size = embed_sum.new_zeros(C * K)
     keys_aug = torch.empty(d + 1, C * K, dtype=embed_sum.dtype, device=embed_sum.device)
     torch.mul(embed_sum, -2, out=keys_aug[:d])  # [-2 key; |key|^2]: the keys are keys_aug[:d] * -0.5, exactly
     _set_square_norms(keys_aug)
     search_view = keys_aug.view(d + 1, C, K).transpose(0, 1)  # (C, d+1, K), no copy
+    ema = _EmaRule(decay, eps, threshold, dead_key_rule == "reset", generator)
+    update = _native_ema_update if can_use_native_ema(embed_sum) else _torch_ema_update
     held = torch.arange(data.shape[0], device=heads_all.device)  # heads_all[:, i] is sample held[i]'s heads
     for epoch in range(epochs):
         order = torch.randperm(data.shape[0], generator=generator).to(heads_all.device)
@@ -131,29 +135,71 @@ def ema_init_keys(
         for start in range(0, data.shape[0], batch_size):
             batch = heads_all[:, start:start + batch_size].contiguous()  # (C, B, d+1)
             idx = search_keys(batch, search_view, 1, bottleneck.lookup_chunk_elements)[..., 0]  # (C, B)
-            flat = (idx + offsets).flatten()  # rows of (C*K), codebook-major like the batch
-            counts = torch.bincount(flat, minlength=C * K).to(cluster_size.dtype)
-            cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-            embed_sum.mul_(decay).index_add_(1, flat, batch[..., :d].reshape(-1, d).T, alpha=1 - decay)
-            total = cluster_size.view(C, K).sum(-1, keepdim=True)
-            smoothed = (cluster_size.view(C, K) + eps) / (total + K * eps) * total  # (C, K)
-            torch.div(embed_sum, smoothed.view(1, C * K) * -0.5, out=keys_aug[:d])  # -2 * mean
-            _set_square_norms(keys_aug)
-            dead = cluster_size < threshold  # (C*K,)
-            if bool(dead.any()):
-                pick = torch.randint(batch.shape[1], (C, K), generator=generator, device=heads_all.device).view(-1)
-                dead_rows = dead.nonzero().squeeze(1)
-                heads_of_batch = batch.view(-1, d + 1)  # (C*B, d+1), codebook-major
-                sample = dead_rows // K * batch.shape[1] + pick.index_select(0, dead_rows)
-                fresh = heads_of_batch.index_select(0, sample)[:, :d]  # (dead, d)
-                keys_aug[:d].index_copy_(1, dead_rows, fresh.T * -2)
-                keys_aug[d].index_copy_(0, dead_rows, fresh.square().sum(1))
-                if dead_key_rule == "reset":
-                    embed_sum.index_copy_(1, dead_rows, fresh.T)
-                    cluster_size[dead_rows] = 1.0
+            update(embed_sum, cluster_size, keys_aug, batch, idx, ema)
         bottleneck.set_keys((keys_aug[:d] * -0.5).T.reshape(C, K, d))
         if progress is not None:
             progress(epoch, float(bottleneck.quantization_error(data[:4096])))
+
+
+class _EmaRule(NamedTuple):
+    """The constants of one EMA run and the generator its dead-key redraws use."""
+    decay: float
+    eps: float
+    dead_threshold: float
+    reset_dead: bool  # dead_key_rule == "reset"
+    generator: torch.Generator | None
+
+
+def _draw_picks(batch: torch.Tensor, num_keys: int, generator: torch.Generator | None) -> torch.Tensor:
+    """For every key, the batch position (C*K,) its replacement head comes from, should it be dead."""
+    C, B, _ = batch.shape
+    return torch.randint(B, (C, num_keys), generator=generator, device=batch.device).view(-1)
+
+
+def _torch_ema_update(embed_sum: torch.Tensor, cluster_size: torch.Tensor, keys_aug: torch.Tensor,
+                      batch: torch.Tensor, idx: torch.Tensor, ema: _EmaRule) -> None:
+    """One batch of EMA updates in place: sums (d, C*K) and sizes (C*K,) decay and take in the batch's
+    heads (C, B, d+1) at their nearest keys idx (C, B); keys_aug (d+1, C*K) = [-2 mean; |mean|^2] of the
+    smoothed means, dead keys re-drawn from the batch. The reference for :func:`_native_ema_update`."""
+    C, B, d = batch.shape[0], batch.shape[1], embed_sum.shape[0]
+    K = cluster_size.numel() // C
+    flat = (idx + torch.arange(C, device=idx.device).unsqueeze(1) * K).flatten()  # codebook-major like the batch
+    counts = torch.bincount(flat, minlength=C * K).to(cluster_size.dtype)
+    cluster_size.mul_(ema.decay).add_(counts, alpha=1 - ema.decay)
+    dead = cluster_size < ema.dead_threshold  # (C*K,)
+    embed_sum.mul_(ema.decay).index_add_(1, flat, batch[..., :d].reshape(-1, d).T, alpha=1 - ema.decay)
+    total = cluster_size.view(C, K).sum(-1, keepdim=True)
+    smoothed = (cluster_size.view(C, K) + ema.eps) / (total + K * ema.eps) * total  # (C, K)
+    torch.div(embed_sum, smoothed.view(1, C * K) * -0.5, out=keys_aug[:d])  # -2 * mean
+    _set_square_norms(keys_aug)
+    if bool(dead.any()):
+        pick = _draw_picks(batch, K, ema.generator)
+        dead_rows = dead.nonzero().squeeze(1)
+        heads_of_batch = batch.view(-1, d + 1)  # (C*B, d+1), codebook-major
+        sample = dead_rows // K * B + pick.index_select(0, dead_rows)
+        fresh = heads_of_batch.index_select(0, sample)[:, :d]  # (dead, d)
+        keys_aug[:d].index_copy_(1, dead_rows, fresh.T * -2)
+        keys_aug[d].index_copy_(0, dead_rows, fresh.square().sum(1))
+        if ema.reset_dead:
+            embed_sum.index_copy_(1, dead_rows, fresh.T)
+            cluster_size[dead_rows] = 1.0
+
+
+def _native_ema_update(embed_sum: torch.Tensor, cluster_size: torch.Tensor, keys_aug: torch.Tensor,
+                       batch: torch.Tensor, idx: torch.Tensor, ema: _EmaRule) -> None:
+    """:func:`_torch_ema_update` with :mod:`avalanche_dkvb.native_ema`'s kernels (CPU, float32): the same
+    operations, random draws and keys, in one pass over the state per batch."""
+    kernels = native_ema()
+    C, B, d = batch.shape[0], batch.shape[1], embed_sum.shape[0]
+    K = cluster_size.numel() // C
+    dead_count = kernels.decay_sizes(cluster_size, idx, ema.decay, 1 - ema.decay, ema.dead_threshold)
+    total = cluster_size.view(C, K).sum(-1)  # (C,), torch's summation order
+    if dead_count:  # head_norms (C, B): per head the sum _torch_ema_update takes of a fresh one, same order
+        pick, head_norms = _draw_picks(batch, K, ema.generator), batch[..., :d].square().sum(-1)
+    else:
+        pick, head_norms = idx.new_empty(0), batch.new_empty(0)
+    kernels.update_keys(embed_sum, cluster_size, keys_aug, batch, idx, total, pick, head_norms, ema.decay,
+                        1 - ema.decay, ema.eps, K * ema.eps, ema.dead_threshold, ema.reset_dead)
 
 
 def _permute_samples(heads_all: torch.Tensor, columns: torch.Tensor, codebooks_per_copy: int = 16) -> None:
