@@ -7,7 +7,8 @@ so metrics, loggers, LR schedulers and plugins see the real minibatch, outputs a
 decoder, mean cross-entropy (label smoothing s) and plain SGD (lr), for a batch of b samples:
 
     forward   logits = t * mean of the selected value rows                  (b, V)   gather + mean
-    backward  g = (softmax(logits) - ((1-s) onehot(y) + s/V)) / b           (b, V)   exact dLoss/dlogits
+    loss      mean cross-entropy of logits, and with it                     ()
+              g = (softmax(logits) - ((1-s) onehot(y) + s/V)) / b           (b, V)   exact dLoss/dlogits
     step      values[row] -= lr * t * g / (C*k)  for every selected row      sparse update (index_add_)
 
 with t the bottleneck's top-k scale (k when the k values of a codebook are summed, the authors'
@@ -17,10 +18,15 @@ norm is at most sqrt(2 C k) t / (C k) (:func:`gradient_norm_bound`: each sample'
 <= sqrt(2)/b, reaching each of its C*k rows times t/(C k)), so the fast path is only taken when the
 clip threshold is at least that bound.
 
+The strategy's ``criterion`` returns the loss computed there, so the loss Avalanche's loop and its
+metrics see is the one the gradient comes from. :class:`Kernels` runs the three stages: on the CPU (float32)
+as the C++ kernels of :mod:`avalanche_dkvb.native_step`, one pass each; elsewhere as torch ops, compiled
+by ``torch.compile`` or eager.
+
 Where the rows come from:
 - :class:`CachedExperienceBatches` when the strategy trains on its own default loader: the experience
-  (its eval-mode dataset: no training augmentations) is materialised once with its rows, codebook-major
-  (C*k, N); each epoch is a shuffle (or not) and contiguous slices.
+  (its eval-mode dataset: no training augmentations) is materialised once with its rows (N, C*k);
+  each epoch is a shuffle (or not) and slices.
 - :class:`RowsByContent` when a plugin replaced the loader (e.g. Replay's buffer): the loader itself
   is iterated and each input's rows are found by its content, computed once per distinct input.
 
@@ -44,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from avalanche_dkvb.model import DKVBModel
+from avalanche_dkvb.native_step import can_use_native_step, native_step
 
 FAST_PATH_EXACT_ATTRIBUTE = "dkvb_fast_path_exact"
 
@@ -144,14 +151,13 @@ class CachedExperienceBatches:
     """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
     selected rows (N, C*k). Iterating yields ``len(self)`` batches of ``batch_size`` (a fresh
     permutation from torch's global RNG each time when ``shuffle``), sets :attr:`current_rows`
-    (C*k, b), codebook-major, to the rows of the batch just yielded, and adds the epoch's key
-    selections to the usage counters when the epoch ends (once, not per step).
+    (b, C*k) to the rows of the batch just yielded, and adds the epoch's key selections to the usage
+    counters when the epoch ends (once, not per step).
 
     Each batch is gathered on its own (``index_select`` of b rows of inputs and of rows): permuting the
     whole experience each epoch instead costs fresh (N, D) and (N, C*k) copies, more than the steps
-    themselves at the paper's scale. Rows are int32 when they fit (half the bytes to move); the
-    codebook-major copy makes each step visit the value table one codebook slice (K rows) at a time.
-    Holds the experience's inputs (N, ...) in memory, like any in-memory loader."""
+    themselves at the paper's scale. Rows are int32 when they fit (half the bytes to move). Holds the
+    experience's inputs (N, ...) in memory, like any in-memory loader."""
 
     def __init__(self, model: DKVBModel, dataset, batch_size: int, shuffle: bool, device):
         xs, ys, ts, rows = [], [], [], []
@@ -186,7 +192,7 @@ class CachedExperienceBatches:
                     idx = order[start:start + self.batch_size]
                     x, y, t, rows = (a.index_select(0, idx) for a in
                                      (self.inputs, self.targets, self.task_labels, self.rows))
-                self.current_rows = rows.T.contiguous()  # (C*k, b)
+                self.current_rows = rows  # (b, C*k)
                 yield [x, y, t]
                 consumed = min(start + self.batch_size, n)  # asked for more: this batch was trained on
         finally:  # the selections of the batches trained on, counted once per epoch (also if stopped early)
@@ -202,7 +208,7 @@ class CachedExperienceBatches:
 
 class RowsByContent:
     """Wraps any training loader (e.g. Avalanche's ReplayDataLoader) and sets :attr:`current_rows`
-    (C*k, b) for each minibatch it yields, unchanged.
+    (b, C*k) for each minibatch it yields, unchanged.
 
     Rows are looked up by the input's content: a 64-bit hash of its bytes, then an exact comparison
     with the stored input, so a hash collision only costs a recomputation. Inputs not found are
@@ -221,7 +227,7 @@ class RowsByContent:
     def __iter__(self):
         usage = self.model.bottleneck.usage_counts.view(-1)
         for mbatch in self.loader:
-            self.current_rows = self.rows_of(mbatch[0]).T.contiguous()
+            self.current_rows = self.rows_of(mbatch[0])
             yield mbatch
             flat = self.current_rows.flatten()  # asked for more: this batch was trained on
             usage.index_add_(0, flat, torch.ones_like(flat))
@@ -265,15 +271,16 @@ class RowsByContent:
         self._hashes, self._inputs, self._rows = hashes[order], words[order], rows[order]
 
 
-# -- the step --------------------------------------------------------------------------------------
+# -- the step ----------------------------------------------------------------------------------------
 def gather_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Logits of a batch: the mean of its selected rows of ``values`` (C*K, V), rows (C*k, b) -> (b, V)."""
-    return values[rows].mean(0)
+    """Logits of a batch: the mean of its selected rows of ``values`` (C*K, V), rows (b, C*k) -> (b, V);
+    gathered codebook-major, so the table is visited one codebook slice at a time."""
+    return values[rows.T].mean(0)
 
 
 def scatter_update(values: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> None:
-    """Add ``update`` (b, V) to every selected row of ``values`` (C*K, V) in place; rows (C*k, b)."""
-    values.index_add_(0, rows.flatten(), update.repeat(rows.shape[0], 1))
+    """Add ``update`` (b, V) to every selected row of ``values`` (C*K, V) in place; rows (b, C*k)."""
+    values.index_add_(0, rows.T.flatten(), update.repeat(rows.shape[1], 1))
 
 
 def logit_gradient(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -298,8 +305,8 @@ def torch_threads(count: int | None):
 
 
 class FastStep:
-    """The fast path's forward, backward and SGD step for one experience, reading the rows of the
-    current minibatch from ``batches.current_rows``; gather and scatter run through ``kernels``."""
+    """The fast path's forward, loss (with the gradient), and SGD step for one experience, reading the
+    rows of the current minibatch from ``batches.current_rows``; each stage runs through ``kernels``."""
 
     def __init__(self, model: DKVBModel, batches, label_smoothing: float, kernels: "Kernels"):
         self.bottleneck = model.bottleneck
@@ -313,43 +320,75 @@ class FastStep:
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
         """Training-mode logits (b, V) of the current batch (its source counts the selections)."""
-        logits = self.kernels.gather_mean(self._values, self.batches.current_rows)
-        scale = self.bottleneck.top_k_scale
-        return logits if scale == 1 else logits * scale
+        return self.kernels.gather_mean(self._values, self.batches.current_rows, self.bottleneck.top_k_scale)
+
+    @torch.no_grad()
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` (b, V) against ``y`` (b,); keeps its gradient for the step."""
+        loss, self._gradient = self.kernels.cross_entropy(logits, y, self.label_smoothing)
+        return loss
 
     @torch.no_grad()
     def backward(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self._gradient = logit_gradient(logits, y, self.label_smoothing)
+        """The gradient was computed with the loss; computed here only if the loss was not asked for."""
+        if self._gradient is None:
+            self._gradient = logit_gradient(logits, y, self.label_smoothing)
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
         rows = self.batches.current_rows
-        step = -lr * self.bottleneck.top_k_scale / rows.shape[0]  # dlogits/drow: top-k scale / (C*k)
-        self.kernels.scatter_update(self._values, rows, self._gradient * step)
+        step = -lr * self.bottleneck.top_k_scale / rows.shape[1]  # dlogits/drow: top-k scale / (C*k)
+        self.kernels.scatter_update(self._values, rows, self._gradient, step, self.bottleneck.top_k)
         self._gradient = None
 
 
 class Kernels:
-    """``gather_mean`` and ``scatter_update``, compiled by ``torch.compile`` (probed once, on the device
-    they will run on) or eager."""
+    """The step's three stages for the values' device and dtype (chosen by :meth:`prepare`): with
+    ``compiled``, the C++ kernels of :mod:`avalanche_dkvb.native_step` on the CPU (float32) and
+    ``torch.compile``'d torch ops elsewhere (probed once per device); otherwise eager torch ops."""
 
     def __init__(self, compiled: bool):
         self.compiled = compiled
-        self.gather_mean, self.scatter_update = gather_mean, scatter_update
+        self.native = None
+        self._gather_mean, self._scatter_update = gather_mean, scatter_update
         self._probed_on: set[str] = set()
 
-    def prepare(self, device: torch.device) -> None:
-        """Compile for ``device`` (once per device type); on failure warn and keep the eager kernels."""
-        device = torch.device(device)
-        if not self.compiled or device.type in self._probed_on:
+    def prepare(self, values: torch.Tensor) -> None:
+        """Choose the kernels for ``values``' device and dtype; where compiling fails, warn and keep the
+        eager torch ops."""
+        self.native = native_step() if self.compiled and can_use_native_step(values) else None
+        device = values.device
+        if not self.compiled or self.native is not None or device.type in self._probed_on:
             return
         self._probed_on.add(device.type)
         try:
             gather, scatter = torch.compile(gather_mean, dynamic=False), torch.compile(scatter_update, dynamic=False)
-            probe, rows = torch.zeros(4, 2, device=device), torch.tensor([[0], [1]], device=device)
+            probe, rows = torch.zeros(4, 2, device=device), torch.tensor([[0, 1]], device=device)
             scatter(probe, rows, gather(probe, rows) + 1)
-            self.gather_mean, self.scatter_update = gather, scatter
+            self._gather_mean, self._scatter_update = gather, scatter
         except Exception as error:  # no C++ compiler, unsupported platform, ...
             warnings.warn(f"torch.compile of the DKVB fast step failed on {device} ({type(error).__name__}: "
                           f"{error}); using the eager step, which is slower but gives the same results.",
                           stacklevel=3)
+
+    def gather_mean(self, values: torch.Tensor, rows: torch.Tensor, scale: int) -> torch.Tensor:
+        """``scale`` * the mean of each sample's rows of ``values`` (R, V); rows (b, J) -> (b, V)."""
+        if self.native is not None:
+            return self.native.gather_mean(values, rows, scale)
+        logits = self._gather_mean(values, rows)
+        return logits if scale == 1 else logits * scale
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float):
+        """(mean cross-entropy (), its gradient (b, V)) of ``logits`` (b, V) against ``y`` (b,)."""
+        if self.native is not None:
+            return tuple(self.native.cross_entropy(logits.contiguous(), y, label_smoothing))
+        return (F.cross_entropy(logits, y, label_smoothing=label_smoothing),
+                logit_gradient(logits, y, label_smoothing))
+
+    def scatter_update(self, values: torch.Tensor, rows: torch.Tensor, gradient: torch.Tensor, step: float,
+                       group: int) -> None:
+        """values[rows[i, j]] += step * gradient[i] in place; ``group`` columns of rows per codebook."""
+        if self.native is not None:
+            self.native.scatter_add(values, rows.contiguous(), gradient.contiguous(), step, group)
+        else:
+            self._scatter_update(values, rows, gradient * step)

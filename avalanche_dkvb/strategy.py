@@ -27,10 +27,11 @@ class DKVB(SupervisedTemplate):
     smoothing 0.1. A :class:`DKVBPlugin` is added (unless one is passed) to initialise the keys on
     ``init_data`` and freeze them before the first experience.
 
-    With ``fast_path="compiled"`` (default) or ``"eager"`` each iteration's forward, backward and
-    step are computed from cached key indices (see :mod:`avalanche_dkvb.fast_path`) inside
+    With ``fast_path="compiled"`` (default) or ``"eager"`` each iteration's forward, loss, backward
+    and step are computed from cached key indices (see :mod:`avalanche_dkvb.fast_path`) inside
     Avalanche's own training loop, so every callback, metric and logger sees the true minibatch,
-    output and loss. It is taken only when exact: mean decoder, plain SGD on the values, plain mean
+    output and loss. "compiled" runs C++ kernels on the CPU (float32) and ``torch.compile``'d ones
+    elsewhere; "eager" runs plain torch ops. It is taken only when exact: mean decoder, plain SGD on the values, plain mean
     cross-entropy, and every plugin in the fast path's allow-list or declaring
     ``dkvb_fast_path_exact = True``; otherwise the standard loop runs and a warning names the reason.
     On the strategy's own loader, indices are computed on the experience without training
@@ -118,7 +119,7 @@ class DKVB(SupervisedTemplate):
         if blocker is not None:
             warnings.warn(f"DKVB fast path off for this experience: {blocker}.", stacklevel=2)
             return
-        self._kernels.prepare(self.device)
+        self._kernels.prepare(self.model.bottleneck.values)
         if self.dataloader is self._default_loader:
             batches = CachedExperienceBatches(self.model, self.adapted_dataset.eval(), self.train_mb_size,
                                               self._shuffle, self.device)
@@ -135,6 +136,11 @@ class DKVB(SupervisedTemplate):
         if self._fast_step is None or not self.is_training:
             return super().forward()
         return self._fast_step.forward()
+
+    def criterion(self):
+        if self._fast_step is None or not self.is_training:
+            return super().criterion()
+        return self._fast_step.loss(self.mb_output, self.mb_y)
 
     def backward(self):
         if self._fast_step is None:

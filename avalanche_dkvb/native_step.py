@@ -1,0 +1,154 @@
+"""The fast path's step as three C++ CPU kernels: gather-mean, cross-entropy with its gradient, scatter.
+
+:mod:`avalanche_dkvb.fast_path` computes one training step of the values from the rows each sample
+selects. In torch that is a gather, a mean, a softmax, a one-hot target, a subtraction, a division and an
+``index_add_``: each a separate pass with its own dispatch and temporaries, on tensors as small as
+(256, 10), so the overheads exceed the arithmetic. These kernels do each stage in one pass:
+
+    gather_mean(values (R, V), rows (b, J), scale)            -> logits (b, V) = scale * mean_j values[rows[:, j]]
+    cross_entropy(logits (b, V), labels (b,), smoothing)      -> (loss (), dLoss/dlogits (b, V))
+    scatter_add(values (R, V), rows (b, J), gradient (b, V), step, group)   values[rows[i, j]] += step * gradient[i]
+
+Rows are read sample-major as the lookup returns them (no transpose). Sums over the J rows of a sample
+and the loss are accumulated in float64; the update ``step * gradient[i]`` is rounded to float32 once
+and added to each selected row in the order (codebook, column, sample), the order in which the torch
+step's ``index_add_`` adds it. ``scatter_add`` runs groups of ``group`` consecutive columns in parallel
+(``at::parallel_for``): a group must hold the columns of one codebook (top-k), whose rows no other group
+selects. Built by :func:`avalanche_dkvb.native.build_extension`; None where it cannot be.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from avalanche_dkvb.native import build_extension
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+constexpr int64_t AHEAD = 24;  // samples between a row's prefetch and its use: rows are random in a large table
+
+static inline void prefetch_row(const float* row, int64_t V) {  // a row of V floats may straddle two cache lines
+  __builtin_prefetch(row);
+  __builtin_prefetch(row + V - 1);
+}
+
+template <typename Row>
+static void gather_mean_rows(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V, double scale,
+                             float* out) {
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc((end - begin) * V, 0.0);
+    for (int64_t j = 0; j < J; j++) {  // one codebook's slice of the values at a time
+      for (int64_t i = begin; i < end; i++) {
+        if (i + AHEAD < end) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
+        const float* row = values + (int64_t)rows[i * J + j] * V;
+        double* a = acc.data() + (i - begin) * V;
+        for (int64_t v = 0; v < V; v++) a[v] += row[v];
+      }
+    }
+    for (int64_t i = begin; i < end; i++) {
+      for (int64_t v = 0; v < V; v++) out[i * V + v] = (float)(acc[(i - begin) * V + v] / J) * (float)scale;
+    }
+  });
+}
+
+template <typename Row>
+static void scatter_rows(float* values, const Row* rows, const float* update, int64_t B, int64_t J, int64_t V,
+                         int64_t group) {
+  at::parallel_for(0, J / group, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin * group; j < end * group; j++) {
+      for (int64_t i = 0; i < B; i++) {
+        if (i + AHEAD < B) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
+        float* row = values + (int64_t)rows[i * J + j] * V;
+        const float* u = update + i * V;
+        for (int64_t v = 0; v < V; v++) row[v] += u[v];
+      }
+    }
+  });
+}
+
+static void check_rows(const torch::Tensor& values, const torch::Tensor& rows) {
+  TORCH_CHECK(values.dtype() == torch::kFloat32 && values.is_contiguous() && values.dim() == 2,
+              "values must be a contiguous (R, V) float32 tensor");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && (rows.dtype() == torch::kInt32 || rows.dtype() == torch::kLong),
+              "rows must be a contiguous (b, J) int32 or int64 tensor");
+  TORCH_CHECK(rows.size(1) > 0, "rows must have at least one column");
+}
+
+// values (R, V), rows (b, J) -> (b, V): scale * the mean of each sample's J rows.
+torch::Tensor gather_mean(torch::Tensor values, torch::Tensor rows, double scale) {
+  check_rows(values, rows);
+  const int64_t B = rows.size(0), J = rows.size(1), V = values.size(1);
+  auto out = torch::empty({B, V}, values.options());
+  if (rows.dtype() == torch::kInt32) {
+    gather_mean_rows(values.data_ptr<float>(), rows.data_ptr<int32_t>(), B, J, V, scale, out.data_ptr<float>());
+  } else {
+    gather_mean_rows(values.data_ptr<float>(), rows.data_ptr<int64_t>(), B, J, V, scale, out.data_ptr<float>());
+  }
+  return out;
+}
+
+// Mean cross-entropy of logits (b, V) against labels (b,) with label smoothing s (targets (1-s) onehot + s/V),
+// and its gradient (softmax - target) / b.
+std::vector<torch::Tensor> cross_entropy(torch::Tensor logits, torch::Tensor labels, double smoothing) {
+  TORCH_CHECK(logits.dtype() == torch::kFloat32 && logits.is_contiguous() && logits.dim() == 2,
+              "logits must be a contiguous (b, V) float32 tensor");
+  TORCH_CHECK(labels.dtype() == torch::kLong && labels.dim() == 1 && labels.size(0) == logits.size(0),
+              "labels must be (b,) int64, one per row of logits");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  auto grad = torch::empty_like(logits);
+  const auto labels_contiguous = labels.contiguous();
+  const float* x = logits.data_ptr<float>();
+  const int64_t* y = labels_contiguous.data_ptr<int64_t>();
+  float* g = grad.data_ptr<float>();
+  const float on = (float)(1.0 - smoothing), off = (float)(smoothing / V);
+  double total = 0.0;
+  for (int64_t i = 0; i < B; i++) {
+    TORCH_CHECK(y[i] >= 0 && y[i] < V, "label ", y[i], " out of range for ", V, " classes");
+    const float* xi = x + i * V;
+    double top = xi[0];
+    for (int64_t v = 1; v < V; v++) top = xi[v] > top ? xi[v] : top;
+    double norm = 0.0;
+    for (int64_t v = 0; v < V; v++) norm += std::exp(xi[v] - top);
+    const double log_norm = top + std::log(norm);
+    double loss = 0.0;
+    for (int64_t v = 0; v < V; v++) {
+      const float target = (v == y[i] ? on : 0.0f) + off;
+      loss -= (double)target * (xi[v] - log_norm);
+      g[i * V + v] = ((float)std::exp(xi[v] - log_norm) - target) / (float)B;
+    }
+    total += loss;
+  }
+  return {torch::full({}, total / B, logits.options()), grad};
+}
+
+// values[rows[i, j]] += step * gradient[i] for every i, j, in place; groups of `group` columns in parallel.
+void scatter_add(torch::Tensor values, torch::Tensor rows, torch::Tensor gradient, double step, int64_t group) {
+  check_rows(values, rows);
+  const int64_t B = rows.size(0), J = rows.size(1), V = values.size(1);
+  TORCH_CHECK(gradient.dtype() == torch::kFloat32 && gradient.is_contiguous() && gradient.size(0) == B &&
+              gradient.size(1) == V, "gradient must be a contiguous (b, V) float32 tensor");
+  TORCH_CHECK(group > 0 && J % group == 0, "group must divide the number of columns");
+  auto update = gradient * (float)step;  // rounded once, as the torch step's update tensor
+  if (rows.dtype() == torch::kInt32) {
+    scatter_rows(values.data_ptr<float>(), rows.data_ptr<int32_t>(), update.data_ptr<float>(), B, J, V, group);
+  } else {
+    scatter_rows(values.data_ptr<float>(), rows.data_ptr<int64_t>(), update.data_ptr<float>(), B, J, V, group);
+  }
+}
+"""
+
+
+def native_step():
+    """The compiled module with ``gather_mean``, ``cross_entropy`` and ``scatter_add`` (see the module
+    docstring), or None where it cannot be built (warned once)."""
+    return build_extension("avalanche_dkvb_fast_step_v3", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
+                           "the fast path uses its torch kernels instead (same results, slower)")
+
+
+def can_use_native_step(values: torch.Tensor) -> bool:
+    """Whether the kernels apply to ``values`` (CPU, float32), building them if needed."""
+    return values.device.type == "cpu" and values.dtype == torch.float32 and native_step() is not None
