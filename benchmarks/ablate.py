@@ -11,7 +11,7 @@ Resumable: rows already in ``DIR/results.csv`` (same run settings, same setting 
 skipped; one run writes a folder at a time (``run.lock``), every file rewritten atomically after each
 row. Writes ``results.csv`` (one row per setting x seed x mode), ``summary.csv``/``summary.md``
 (class-incremental and i.i.d. side by side, mean ± std over seeds) and ``ablation.png`` (accuracy
-against setting). SGD settings train with DKVB's eager fast path.
+against setting). SGD settings train through DKVB's default fast path (C++ kernels on the CPU).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def train(setting: Setting, model, quantisation_error: float, benchmark, epochs:
     quiet = EvaluationPlugin(loggers=[])
     if setting.value_rule == "sgd":
         strategy = DKVB(model=model, lr=setting.lr, label_smoothing=setting.label_smoothing,
-                        train_epochs=setting.epochs_factor * epochs, fast_path="eager", evaluator=quiet)
+                        train_epochs=setting.epochs_factor * epochs, evaluator=quiet)
     elif setting.moment_weight is not None:
         strategy = MomentValues(model=model, value_rule=setting.value_rule, smoothing=setting.smoothing,
                                 moment_weight=setting.moment_weight,
