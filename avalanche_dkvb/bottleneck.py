@@ -131,17 +131,40 @@ class KeyValueBottleneck(nn.Module):
     def nearest_keys(self, heads: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Indices of the top-k nearest keys (squared L2) per codebook: (B, C, d) -> (B, C, k).
 
-        The search is :func:`search_keys` on :func:`augmented_heads` and :func:`augmented_keys`. With
-        ``only_used``, keys never selected in training are excluded (per codebook, once any key of that
-        codebook has been used; a codebook with no used key searches all its keys, where the authors'
-        code returns key 0); a codebook with fewer than k used keys repeats its nearest used key.
+        The search is :func:`search_keys` on :func:`augmented_heads` and the keys of
+        :meth:`searched_keys`. With ``only_used``, keys never selected in training are excluded (per
+        codebook, once any key of that codebook has been used; a codebook with no used key searches all
+        its keys, where the authors' code returns key 0); a codebook with fewer than k used keys repeats
+        its nearest used key.
         """
-        keys_aug = augmented_keys(self.keys)  # (C, d+1, K)
-        if only_used:  # a dormant key's |key|^2 becomes inf, so are all its scores
-            used = self.usage_counts > 0  # (C, K)
-            keys_aug[:, -1].masked_fill_(~used & used.any(dim=1, keepdim=True), math.inf)
-        idx = search_keys(augmented_heads(heads), keys_aug, self.top_k, self.lookup_chunk_elements)
+        keys_aug, key_of = self.searched_keys(only_used)
+        idx = search_keys(augmented_heads(heads), keys_aug, self.top_k, self.lookup_chunk_elements)  # (C, B, k)
+        if key_of is not None:
+            idx = key_of.gather(1, idx.flatten(1)).view(idx.shape)
         return idx.transpose(0, 1)
+
+    def searched_keys(self, only_used: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keys a search reads, as (keys_aug (C, d+1, K'), key_of (C, K') or None).
+
+        keys_aug holds :func:`augmented_keys`; with ``only_used``, each codebook's searchable keys
+        (its used keys, or all of them if none is used) in ascending order, padded to the largest count
+        K' with masked (inf) entries, and key_of maps position -> key index (None when nothing is
+        left out). A search over them chooses the keys, ties included, that the search over all keys
+        with the others masked chooses. Kept until the keys or the usage counters change (their
+        tensors' version counters: every in-place write bumps them), so consecutive evaluation batches
+        build it once.
+        """
+        state = (self.keys, self.keys._version, self.usage_counts, self.usage_counts._version, only_used)
+        cached = self.__dict__.get("_searched_keys")
+        if cached is not None and len(cached[0]) == len(state) and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], state)):
+            return cached[1]
+        with torch.inference_mode(False):  # usable outside inference mode even if first built inside it
+            keys_aug, key_of = augmented_keys(self.keys), None
+            if only_used:
+                keys_aug, key_of = _compact_used_keys(keys_aug, self.usage_counts > 0)
+        self.__dict__["_searched_keys"] = (state, (keys_aug, key_of))  # not a buffer: never saved or moved
+        return keys_aug, key_of
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
         """Rows of ``values.view(C*K, V)`` selected by each input: (B, D) -> (B, C*k)."""
@@ -193,6 +216,22 @@ def augmented_keys(keys: torch.Tensor) -> torch.Tensor:
     """[-2 key, |key|^2] per key, transposed for the search: (C, K, d) -> (C, d+1, K)."""
     keys_aug = torch.cat([-2 * keys, keys.square().sum(-1, keepdim=True)], dim=-1)
     return keys_aug.transpose(1, 2).contiguous()
+
+
+def _compact_used_keys(keys_aug: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each codebook's searchable keys of ``keys_aug`` (C, d+1, K): its used keys (``used`` (C, K)), or all
+    of them if none is used, in ascending order, padded with masked entries to the largest count K':
+    ((C, d+1, K'), key index of each position (C, K')); the input and None if every key is searchable."""
+    searchable = used | ~used.any(dim=1, keepdim=True)  # (C, K)
+    counts = searchable.sum(1)  # (C,)
+    width = int(counts.max())
+    if width == keys_aug.shape[2] and bool((counts == width).all()):
+        return keys_aug, None
+    key_of = torch.sort((~searchable).to(torch.int8), dim=1, stable=True).indices[:, :width]  # searchable first
+    compact = keys_aug.gather(2, key_of.unsqueeze(1).expand(-1, keys_aug.shape[1], -1))  # (C, d+1, K')
+    padding = torch.arange(width, device=counts.device).unsqueeze(0) >= counts.unsqueeze(1)  # (C, K')
+    compact[:, -1].masked_fill_(padding, math.inf)
+    return compact, key_of
 
 
 def _group_size(num_keys: int) -> int:

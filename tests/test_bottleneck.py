@@ -277,6 +277,28 @@ def test_eval_snaps_to_nearest_used_key_train_does_not():
     assert torch.equal(out_train[0], torch.tensor([0.0, 1.0, 0.0]))  # training search is unmasked
 
 
+def test_searched_keys_follow_every_change_of_usage_and_keys():
+    """The search's compacted keys are cached; each in-place change of the usage counters or the keys
+    (counting, resetting, load_state_dict, set_keys) must show in the next search."""
+    bn = _line_bottleneck()
+    query = bn.project(torch.tensor([[1.2, 0.0, 1.2, 0.0]]))  # nearest key 1; with only 0 and 2 used: 0
+    assert bn.nearest_keys(query, only_used=True)[0, :, 0].tolist() == [1, 1]  # nothing used: all keys
+    bn.usage_counts[0, 0] = 1
+    bn.usage_counts[0, 2] = 1
+    assert bn.nearest_keys(query, only_used=True)[0, :, 0].tolist() == [0, 1]
+    bn.usage_counts[0, 1] = 3
+    assert bn.nearest_keys(query, only_used=True)[0, :, 0].tolist() == [1, 1]
+    bn.reset_usage()
+    bn.usage_counts[0, 2] = 1
+    assert bn.nearest_keys(query, only_used=True)[0, :, 0].tolist() == [2, 1]  # the only used key
+    moved = {k: v.clone() for k, v in bn.state_dict().items()}
+    moved["keys"][0, 2] += 100.0
+    moved["usage_counts"][0] = torch.tensor([1, 0, 1])
+    bn.load_state_dict(moved)
+    assert bn.nearest_keys(query, only_used=True)[0, :, 0].tolist() == [0, 1]  # key 2 moved away
+    assert bn.nearest_keys(query, only_used=False)[0, :, 0].tolist() == [1, 1]
+
+
 def test_usage_counts_count_every_training_selection():
     bn = random_bottleneck(top_k=2, dtype=torch.float64, num_keys=7)
     g = torch.Generator().manual_seed(6)
