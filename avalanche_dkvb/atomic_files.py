@@ -1,7 +1,7 @@
 """Atomic file writes: a file only ever appears under its final name complete.
 
-Every write goes to a uniquely named hidden sibling (``.<name>.<pid>-<random>.tmp``, created with
-``O_EXCL`` and mode 0o666 so the process umask sets its permissions, as for any ``open()``), is
+Every write goes to a uniquely named hidden sibling (``.<name>.<pid>-<random>.tmp``, created
+exclusively, ``open(..., "xb")``, so the process umask sets its permissions as for any file), is
 fsync'ed, moved over the final name with ``os.replace`` and the folder fsync'ed. An exception inside
 the block removes the temporary file and leaves the final file untouched. Concurrent writers of the
 same file never share a temporary name; the last rename wins.
@@ -26,18 +26,19 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Yield a binary file that replaces ``path`` (creating its folder) only if the block completes."""
+    """Yield a binary file that replaces ``path`` (creating its folder) only if the block completes; its
+    ``name`` is the temporary file's path, so the block can read back what it wrote (after a flush)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         temp = temporary_sibling(path)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            file = open(temp, "xb")  # O_EXCL, mode 0o666 less the umask; file.name is the temporary path
             break
         except FileExistsError:  # pragma: no cover - 32 random bits collided
             continue
     try:
-        with os.fdopen(fd, "wb") as file:
+        with file:
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -37,7 +37,6 @@ log are relative to the resumed process.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 from collections import defaultdict
@@ -273,15 +272,15 @@ def save_training_state(path: str | os.PathLike, strategy, extra: dict | None = 
         "rng": _rng_state(),
         "extra": dict(extra or {}),
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    try:  # refuse what could not be read back safely, before it replaces a good checkpoint
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"cannot save the training state of strategy {type(strategy).__name__}: "
-                              f"{_one_line(error)} (extra must hold tensors, dicts, lists, strings, numbers).") from None
-    with atomic_write(path) as file:
-        file.write(buffer.getvalue())
+    with atomic_write(path) as file:  # streamed to the temporary file: no copy of the state in memory
+        torch.save(state, file)
+        file.flush()
+        try:  # refuse what could not be read back safely, before it replaces a good checkpoint
+            torch.load(file.name, weights_only=True, mmap=True)  # mapped, not read into memory
+        except Exception as error:
+            raise CheckpointError(f"cannot save the training state of strategy {type(strategy).__name__}: "
+                                  f"{_one_line(error)} (extra must hold tensors, dicts, lists, strings, "
+                                  "numbers).") from None
 
 
 def load_training_state(path: str | os.PathLike, strategy) -> dict:

@@ -228,8 +228,7 @@ class MomentValues(CountValues):
                 self._refresh_table_columns(columns)
 
     def count_state(self) -> dict:
-        return {**super().count_state(), "class_head_sums": self.class_head_sums.clone(),
-                "head_variance": self.head_variance}
+        return {**super().count_state(), "class_head_sums": self.class_head_sums, "head_variance": self.head_variance}
 
     def load_count_state(self, state: dict) -> None:
         if "class_head_sums" not in state:
