@@ -64,8 +64,9 @@ def render_speed(speed: dict) -> str:
     lines += [
         f"| EMA key initialisation, one epoch over 10,000 embeddings (measured on "
         f"{sizes['key_init_embeddings']:,}) | {speed['key_init_s_per_epoch_10k']:.1f} s | | |",
-        f"| evaluation of 10,000 embeddings, masked search (measured on {sizes['eval_embeddings']:,}) "
-        f"| {speed['eval_s_per_10k']:.2f} s | | |",
+        f"| evaluation of 10,000 embeddings, masked search (measured on {sizes['eval_embeddings']:,}"
+        + (f"; {100 * speed['eval_used_key_fraction']:.0f} % of the keys used" if "eval_used_key_fraction" in speed
+           else "") + f") | {speed['eval_s_per_10k']:.2f} s | | |",
     ]
     if "search_fused_s_per_1k" in speed:
         lines.append(f"| nearest-key search of 1,024 embeddings (all keys), fused kernel "

@@ -183,6 +183,7 @@ def measure_bottleneck(args, device: torch.device) -> dict:
         "fast_step_alone_speedup": generic_step_s / kernel_step_s,
         "key_init_s_per_epoch_10k": key_init_s * 10_000 / len(init_x),
         "eval_s_per_10k": eval_s * 10_000 / len(test_x),
+        "eval_used_key_fraction": float((trained.bottleneck.usage_counts > 0).float().mean()),
         "search_fused_s_per_1k": search_s["fused"],
         "search_matmul_s_per_1k": search_s["matmul"],
     }

@@ -13,7 +13,8 @@ from benchmarks import readme, speed
 NUMERIC = ("extraction_images_per_s", "extraction_eager_images_per_s", "extraction_speedup",
            "extraction_max_rel_error", "decode_images_per_s", "fast_step_ms", "generic_step_ms",
            "fast_step_speedup", "fast_step_alone_ms", "fast_step_alone_speedup", "key_init_s_per_epoch_10k",
-           "eval_s_per_10k", "search_fused_s_per_1k", "search_matmul_s_per_1k", "threads", "wall_clock_seconds")
+           "eval_s_per_10k", "eval_used_key_fraction", "search_fused_s_per_1k", "search_matmul_s_per_1k", "threads",
+           "wall_clock_seconds")
 TINY = ["--weights", "none", "--image-size", "32", "--extract-images", "6", "--batch-size", "3",
         "--num-workers", "0", "--experiences", "1", "--per-experience", "256", "--epochs", "2",
         "--generic-steps", "1", "--key-init-embeddings", "256", "--eval-embeddings", "64", "--embed-dim", "32",
