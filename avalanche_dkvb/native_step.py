@@ -37,6 +37,7 @@ static inline void prefetch_row(const float* row, int64_t V) {  // a row of V fl
 }
 
 template <typename Row>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 static void gather_mean_rows(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V, double scale,
                              float* out) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
@@ -56,6 +57,7 @@ static void gather_mean_rows(const float* values, const Row* rows, int64_t B, in
 }
 
 template <typename Row>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 static void scatter_rows(float* values, const Row* rows, const float* update, int64_t B, int64_t J, int64_t V,
                          int64_t group) {
   at::parallel_for(0, J / group, 1, [&](int64_t begin, int64_t end) {
@@ -145,7 +147,7 @@ void scatter_add(torch::Tensor values, torch::Tensor rows, torch::Tensor gradien
 def native_step():
     """The compiled module with ``gather_mean``, ``cross_entropy`` and ``scatter_add`` (see the module
     docstring), or None where it cannot be built (warned once)."""
-    return build_extension("avalanche_dkvb_fast_step_v3", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
+    return build_extension("avalanche_dkvb_fast_step_v4", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
                            "the fast path uses its torch kernels instead (same results, slower)")
 
 
