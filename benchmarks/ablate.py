@@ -206,7 +206,9 @@ def predictor(strategy):
 
 class KeyBank:
     """Models with initialised, frozen keys, one key initialisation per (``Setting.keys_id``, seed),
-    built on first use; also each one's mean squared quantisation error on the key-init data."""
+    built on first use; also each one's mean squared quantisation error on the key-init data. Only the
+    bottleneck's buffers (projection, keys, usage, frozen flag) are shared: each model keeps its own
+    initial values (``Setting.value_init``)."""
 
     def __init__(self, input_dim: int, num_classes: int, data: dict[str, torch.Tensor], key_init_epochs: int):
         self.input_dim, self.num_classes, self.data, self.epochs = input_dim, num_classes, data, key_init_epochs
@@ -227,10 +229,11 @@ class KeyBank:
                       generator=torch.Generator().manual_seed(seed), **options)
             model.bottleneck.freeze_keys()
             error = float(model.bottleneck.quantization_error(data))
-            self.states[key] = ({k: v.clone() for k, v in model.state_dict().items()}, error)
+            self.states[key] = ({k: v.clone() for k, v in model.bottleneck.named_buffers()}, error)
             print(f"  keys {key}: {time.perf_counter() - start:.0f} s, quantisation error {error:.3f}", flush=True)
-        state, error = self.states[key]
-        model.load_state_dict(state)
+        buffers, error = self.states[key]
+        for name, buffer in model.bottleneck.named_buffers():
+            buffer.copy_(buffers[name])
         return model, error
 
 

@@ -70,3 +70,17 @@ def test_unknown_setting_is_refused(tmp_path):
 def test_every_setting_name_can_be_selected(tmp_path):
     args = ablate.parse_args(["--settings", ",".join(ablate.GRID), "--out", str(tmp_path)])
     assert args.settings == list(ablate.GRID)
+
+
+def test_key_bank_shares_keys_but_not_initial_values():
+    """Two settings with the same keys: the second model gets the first one's keys, and its own values."""
+    data = {"other": torch.randn(64, 12, generator=torch.Generator().manual_seed(1))}
+    bank = ablate.KeyBank(12, 3, data, key_init_epochs=1)
+    zeros = ablate.Setting("zeros", num_codebooks=4, num_keys=8, key_dim=2)
+    normal = dataclasses.replace(zeros, name="normal", value_init="normal")
+    assert normal.keys_id == zeros.keys_id
+    first, _ = bank.model(zeros, seed=0)
+    second, _ = bank.model(normal, seed=0)
+    assert torch.equal(first.bottleneck.keys, second.bottleneck.keys) and bool(second.bottleneck.keys_frozen)
+    assert torch.count_nonzero(first.bottleneck.values) == 0
+    assert torch.count_nonzero(second.bottleneck.values) == second.bottleneck.values.numel()
