@@ -3,7 +3,9 @@
 Each block ``<!-- results:DIR -->`` ... ``<!-- /results:DIR -->`` in README.md is replaced by
 ``DIR/summary.md`` and the command and wall-clock time recorded in ``DIR/run.json``; each block
 ``<!-- speed:DIR -->`` ... ``<!-- /speed:DIR -->`` by the table :func:`render_speed` makes of
-``DIR/speed.json`` (written by ``python -m benchmarks.speed --out DIR``).
+``DIR/speed.json`` (written by ``python -m benchmarks.speed --out DIR``); each block
+``<!-- ablation:DIR -->`` ... ``<!-- /ablation:DIR -->`` by ``DIR/summary.md`` of a
+``python -m benchmarks.ablate --out DIR`` run, under its run settings (``DIR/settings.json``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from avalanche_dkvb.atomic_files import atomic_write_text
 
-BLOCK = re.compile(r"(<!-- (?P<kind>results|speed):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)", re.DOTALL)
-NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",)}
+BLOCK = re.compile(r"(<!-- (?P<kind>results|speed|ablation):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)",
+                   re.DOTALL)
+NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",), "ablation": ("settings.json", "summary.md")}
 
 
 def render(run_dir: Path) -> str:
@@ -76,9 +79,18 @@ def render_speed(speed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_ablation(folder: Path) -> str:
+    """An ablation's summary table under the run settings it was made with."""
+    settings = json.loads((folder / "settings.json").read_text())
+    facts = ", ".join(f"{name} {value}" for name, value in settings.items())
+    return f"Run settings ({folder}/settings.json): {facts}.\n\n" + (folder / "summary.md").read_text()
+
+
 def _render_block(kind: str, folder: Path) -> str:
     if kind == "speed":
         return render_speed(json.loads((folder / "speed.json").read_text()))
+    if kind == "ablation":
+        return render_ablation(folder)
     return render(folder)
 
 
@@ -87,7 +99,8 @@ def main(readme: Path = Path("README.md")) -> int:
     missing = [m["dir"] for m in BLOCK.finditer(text)
                if not all((Path(m["dir"]) / name).exists() for name in NEEDS[m["kind"]])]
     if missing:
-        print(f"No finished run in {missing} (expected run.json and summary.md, or speed.json, there).",
+        print(f"No finished run in {missing} (expected run.json and summary.md, speed.json, or settings.json and "
+              "summary.md there).",
               file=sys.stderr)
         return 1
     atomic_write_text(readme, BLOCK.sub(lambda m: m[1] + _render_block(m["kind"], Path(m["dir"])) + m[4], text))

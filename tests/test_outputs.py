@@ -133,3 +133,18 @@ def test_readme_blocks_are_filled_from_the_runs_outputs(tmp_path, monkeypatch):
         readme.write_text(blocks)
         assert readme_main(readme) == 1
         assert readme.read_text() == blocks  # left as it was
+
+
+def test_readme_ablation_block_is_the_runs_summary(tmp_path, monkeypatch):
+    folder = tmp_path / "results" / "abl"
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps({"benchmark": "bench", "epochs": 200}))
+    (folder / "summary.md").write_text("| setting | seeds |\n|---|---|\n| sgd | 3 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- ablation:results/abl -->\nold row\n<!-- /ablation:results/abl -->\nb\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme_main(readme) == 0
+    text = readme.read_text()
+    assert "old row" not in text and "| sgd | 3 |" in text and "benchmark bench, epochs 200" in text
+    (folder / "summary.md").unlink()
+    assert readme_main(readme) == 1 and readme.read_text() == text  # nothing to render: left as it was
