@@ -11,7 +11,8 @@ Streaming LDA, nearest class mean and random projection + ridge are closed form 
 ``joint`` is Avalanche's Cumulative (all data seen so far). DKVB uses the paper's defaults (C 256,
 K 4096, d_key 14, SGD lr 0.3, keys by EMA on a different data set's embeddings); ``dkvb_counts`` fills
 the same model's values from per-key class counts, ``dkvb_moments`` adds per-(key, class) head means at
-C 1024, K 256 (``avalanche_dkvb.CountValues`` / ``MomentValues``).
+C 1024, K 256 (``avalanche_dkvb.CountValues`` / ``MomentValues``), ``dkvb_moments_d64`` at C 256, K 256 with
+64-dimensional keys.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def _dkvb_moments(s: MethodSettings, evaluator):
                         key_init_kwargs={"epochs": s.key_init_epochs})
 
 
+def _dkvb_moments_d64(s: MethodSettings, evaluator):
+    """MomentValues with 64-dimensional keys: C 256 codebooks of K 256 keys, d_key 64 (larger cells model
+    more of each head; the ablation's best moment setting)."""
+    model = create_dkvb_model(s.input_dim, s.num_classes, num_codebooks=256, num_keys=256, key_dim=64)
+    return MomentValues(model=model, device=s.device, evaluator=evaluator, init_data=s.key_init_data,
+                        key_init_kwargs={"epochs": s.key_init_epochs})
+
+
 def _slda(s: MethodSettings, evaluator):
     from avalanche_dkvb.baselines import BatchedStreamingLDA
     return BatchedStreamingLDA(input_size=s.input_dim, num_classes=s.num_classes, device=s.device,
@@ -119,6 +128,7 @@ METHODS = {
     "dkvb": _dkvb,
     "dkvb_counts": _dkvb_counts,
     "dkvb_moments": _dkvb_moments,
+    "dkvb_moments_d64": _dkvb_moments_d64,
     "linear": lambda s, ev: _sgd(Naive, _linear(s), s, ev),
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
