@@ -1,8 +1,10 @@
-"""Shared fixtures for the DKVB tests: one CPU thread, a small 2D class-incremental stream, small models."""
+"""Shared fixtures for the DKVB tests: one CPU thread, a small 2D class-incremental stream, small models,
+waiting on a subprocess."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -18,6 +20,28 @@ def _one_thread_and_seeded():
     torch.manual_seed(int(os.environ.get("DKVB_TEST_SEED", "0")))
     yield
     torch.set_num_threads(1)
+
+
+PROCESS_TIMEOUT_S = 900.0
+"""How long a test waits for a subprocess to reach a point: only a guard against a hang (on a loaded 2-core
+machine a benchmark's first commit has taken more than 4 minutes)."""
+
+
+@pytest.fixture
+def wait_until():
+    """``wait_until(condition, process, what)``: poll ``condition()`` while ``process`` (a Popen) runs; if
+    it ends first or PROCESS_TIMEOUT_S pass, kill it and fail, naming ``what``, its exit code and the end
+    of its stderr (when piped)."""
+    def wait(condition, process, what: str, poll_s: float = 0.02) -> None:
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while not condition():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                _, err = process.communicate()
+                pytest.fail(f"{what} did not happen (exit code {process.returncode}; stderr: "
+                            f"{(err or '')[-2000:]!s})")
+            time.sleep(poll_s)
+    return wait
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_refused_strategies_and_bad_files(toy_stream, make_model, init_data, tmp
         save_training_state(path, strategy, {"bad": object()})
 
 
-def test_kill_9_mid_stream_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+def test_kill_9_mid_stream_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, wait_until):
     """A real `python -m benchmarks` (toy2d, DKVB, seed 0) killed with SIGKILL once its first
     checkpoint (after experience 1 of 4) exists; `--resume` continues from it and writes the same
     results.csv (all but train_seconds) and accuracy_matrix.csv as an uninterrupted run."""
@@ -111,7 +111,6 @@ def test_kill_9_mid_stream_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import pandas as pd
@@ -125,10 +124,7 @@ def test_kill_9_mid_stream_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     process = subprocess.Popen([sys.executable, "-m", "benchmarks", *argv, "--out", str(out)], cwd=repo,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert checkpoint.exists(), "no checkpoint appeared"
+        wait_until(checkpoint.exists, process, "the first checkpoint", poll_s=0.01)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()

@@ -155,7 +155,8 @@ def test_a_failing_cell_is_reported_the_others_finish_and_resume_runs_only_it(tm
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
-def test_a_killed_driver_resumed_runs_only_the_unfinished_cells(tmp_path, ray_cluster, real_args, monkeypatch):
+def test_a_killed_driver_resumed_runs_only_the_unfinished_cells(tmp_path, ray_cluster, real_args, monkeypatch,
+                                                               wait_until):
     """A real driver process on the shared cluster is killed (SIGKILL) after its first commit;
     --resume keeps the committed cells, runs only the others, and no cell has two rows."""
     out, ran = tmp_path / "out", tmp_path / "ran"
@@ -165,14 +166,12 @@ def test_a_killed_driver_resumed_runs_only_the_unfinished_cells(tmp_path, ray_cl
     driver = subprocess.Popen([sys.executable, "-m", "benchmarks", *cells, "--ray-address", ray_cluster], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (out / "results.csv").exists():
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
-            time.sleep(0.02)
+        wait_until((out / "results.csv").exists, driver, "the driver's first commit")
         os.kill(driver.pid, signal.SIGKILL)
     finally:
-        driver.kill()
-        driver.communicate()
+        if driver.returncode is None:  # not yet reaped (wait_until reaps it when it fails)
+            driver.kill()
+            driver.communicate()
     committed = set(pd.read_csv(out / "results.csv").seed)
     assert 1 <= len(committed) < len(seeds)
 

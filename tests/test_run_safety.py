@@ -182,17 +182,15 @@ def _benchmarks(*args: str, out: Path, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_two_runs_on_one_folder_the_second_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+def test_two_runs_on_one_folder_the_second_is_refused_and_a_killed_holder_is_taken_over(tmp_path, wait_until):
     """Real processes: run A holds --out (stopped mid-run so the folder stands still); run B is refused
     at once, naming A, and changes nothing; A is killed with SIGKILL; run C takes its stale lock over
     and finishes."""
     out = tmp_path / "out"
     first = _benchmarks(out=out)
-    deadline = time.monotonic() + 120
-    while not ((out / "run.json").exists() and (out / LOCK_NAME).exists()
-               and f'"pid": {first.pid}' in (out / LOCK_NAME).read_text()):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.1)
+    wait_until(lambda: ((out / "run.json").exists() and (out / LOCK_NAME).exists()
+                        and f'"pid": {first.pid}' in (out / LOCK_NAME).read_text()), first, "run A taking the folder",
+               poll_s=0.1)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         before = _snapshot(out)
@@ -381,3 +379,12 @@ def test_a_stop_signal_landing_in_code_called_back_from_a_native_library_waits_u
         except KeyboardInterrupt:
             where.append("after it returned")
     assert where == ["after it returned"]
+
+
+def test_wait_until_fails_naming_the_process_that_ended(wait_until):
+    """The tests' wait on a subprocess: a process that exits before the condition holds fails the wait at
+    once, with its exit code and stderr, instead of waiting out the timeout."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('broke early')"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(pytest.fail.Exception, match=r"the thing did not happen \(exit code 1; stderr: broke early"):
+        wait_until(lambda: False, process, "the thing")

@@ -109,13 +109,11 @@ def test_toy2d_stream_matches_the_seeds():
     assert square.shape == (500, 2) and square.min() >= 0 and square.max() <= 1
 
 
-def test_a_killed_run_keeps_its_finished_runs_and_says_it_was_interrupted(tmp_path):
+def test_a_killed_run_keeps_its_finished_runs_and_says_it_was_interrupted(tmp_path, wait_until):
     out = tmp_path / "out"
     job = subprocess.Popen([sys.executable, "-m", "benchmarks", "--seeds", "0,1", "--threads", "1", "--out", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (out / "results.csv").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until((out / "results.csv").exists, job, "the run's first commit", poll_s=0.2)
     job.terminate()  # SIGTERM, as `kill` sends
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
