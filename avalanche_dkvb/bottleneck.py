@@ -154,16 +154,16 @@ class KeyValueBottleneck(nn.Module):
         tensors' version counters: every in-place write bumps them), so consecutive evaluation batches
         build it once.
         """
-        state = (self.keys, self.keys._version, self.usage_counts, self.usage_counts._version, only_used)
-        cached = self.__dict__.get("_searched_keys")
-        if cached is not None and len(cached[0]) == len(state) and all(
-                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], state)):
-            return cached[1]
+        versions = (self.keys._version, self.usage_counts._version, only_used)
+        cached = self.__dict__.get("_searched_keys")  # (keys, usage_counts, versions, searched keys)
+        if cached is not None and cached[0] is self.keys and cached[1] is self.usage_counts and cached[2] == versions:
+            return cached[3]
         with torch.inference_mode(False):  # usable outside inference mode even if first built inside it
             keys_aug, key_of = augmented_keys(self.keys), None
             if only_used:
                 keys_aug, key_of = _compact_used_keys(keys_aug, self.usage_counts > 0)
-        self.__dict__["_searched_keys"] = (state, (keys_aug, key_of))  # not a buffer: never saved or moved
+        # not a buffer: never saved or moved; the tensors are held so a replaced buffer never matches
+        self.__dict__["_searched_keys"] = (self.keys, self.usage_counts, versions, (keys_aug, key_of))
         return keys_aug, key_of
 
     def flat_indices(self, x: torch.Tensor, only_used: bool = False) -> torch.Tensor:
