@@ -11,7 +11,15 @@ returns None, and the caller falls back to its torch implementation (same result
 from __future__ import annotations
 
 import functools
+import shutil
 import warnings
+
+
+def toolchain_available() -> bool:
+    """Whether the kernels can be built here: a C++ compiler and ninja on the PATH."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which("c++") is not None and is_ninja_available()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,16 +1,14 @@
 """The fused EMA key updates (avalanche_dkvb.native_ema) against the torch path of ema_init_keys."""
 
-import shutil
-
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available
 
 from avalanche_dkvb import KeyValueBottleneck, ema_init_keys, key_init
 from avalanche_dkvb import native_ema as native_ema_module
+from avalanche_dkvb.native import toolchain_available
 from avalanche_dkvb.native_ema import can_use_native_ema, native_ema
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None or not is_ninja_available(),
+pytestmark = pytest.mark.skipif(not toolchain_available(),
                                 reason="no C++ compiler or no ninja: the fused EMA updates cannot be built")
 
 

@@ -1,15 +1,13 @@
 """The fused CPU key search (avalanche_dkvb.native_search) against the matrix-product search."""
 
-import shutil
-
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available
 
 from avalanche_dkvb.bottleneck import augmented_heads, augmented_keys, search_keys
+from avalanche_dkvb.native import toolchain_available
 from avalanche_dkvb.native_search import can_use_native_search, native_search
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None or not is_ninja_available(),
+pytestmark = pytest.mark.skipif(not toolchain_available(),
                                 reason="no C++ compiler or no ninja: the fused search cannot be built")
 
 

@@ -1,16 +1,14 @@
 """The fast step's C++ kernels (avalanche_dkvb.native_step) against the torch step they replace."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import is_ninja_available
 
 from avalanche_dkvb.fast_path import Kernels, gather_mean, logit_gradient, scatter_update, torch_threads
+from avalanche_dkvb.native import toolchain_available
 from avalanche_dkvb.native_step import can_use_native_step, native_step
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None or not is_ninja_available(),
+pytestmark = pytest.mark.skipif(not toolchain_available(),
                                 reason="no C++ compiler or no ninja: the step kernels cannot be built")
 
 
