@@ -75,7 +75,8 @@ static void scatter_rows(float* values, const Row* rows, const float* update, in
 static void check_rows(const torch::Tensor& values, const torch::Tensor& rows) {
   TORCH_CHECK(values.dtype() == torch::kFloat32 && values.is_contiguous() && values.dim() == 2,
               "values must be a contiguous (R, V) float32 tensor");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && (rows.dtype() == torch::kInt32 || rows.dtype() == torch::kLong),
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous()
+              && (rows.dtype() == torch::kInt32 || rows.dtype() == torch::kLong),
               "rows must be a contiguous (b, J) int32 or int64 tensor");
   TORCH_CHECK(rows.size(1) > 0, "rows must have at least one column");
 }

@@ -31,8 +31,8 @@ class DKVB(SupervisedTemplate):
     and step are computed from cached key indices (see :mod:`avalanche_dkvb.fast_path`) inside
     Avalanche's own training loop, so every callback, metric and logger sees the true minibatch,
     output and loss. "compiled" runs C++ kernels on the CPU (float32) and ``torch.compile``'d ones
-    elsewhere; "eager" runs plain torch ops. It is taken only when exact: mean decoder, plain SGD on the values, plain mean
-    cross-entropy, and every plugin in the fast path's allow-list or declaring
+    elsewhere; "eager" runs plain torch ops. It is taken only when exact: mean decoder, plain SGD on the
+    values, plain mean cross-entropy, and every plugin in the fast path's allow-list or declaring
     ``dkvb_fast_path_exact = True``; otherwise the standard loop runs and a warning names the reason.
     On the strategy's own loader, indices are computed on the experience without training
     augmentations (the paper embeds each image once); a loader replaced by a plugin (Replay) is

@@ -14,8 +14,9 @@ The fast step is the median wall-clock time of a training epoch of ``DKVB.train`
 loop, every callback fired, epoch accuracy and loss metrics on) per step, over ``--epochs`` epochs after a
 first one that warms up (compiles the kernels; computes the experience's key indices). The generic step is
 timed outside the loop (lookup, autograd, clip, SGD), so the fast step is also timed that way
-(``fast_step_alone_ms``: forward, loss with its gradient, update) for a like-for-like ratio. ``--quick`` shrinks every size so the whole
-run takes a few minutes on 2 cores. ``benchmarks.readme`` renders the README's table from the file.
+(``fast_step_alone_ms``: forward, loss with its gradient, update) for a like-for-like ratio. ``--quick``
+shrinks every size so the whole run takes a few minutes on 2 cores. ``benchmarks.readme`` renders the
+README's table from the file.
 """
 
 from __future__ import annotations
