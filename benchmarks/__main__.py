@@ -28,9 +28,8 @@ import torch
 
 from avalanche_dkvb.atomic_files import atomic_write_text
 from avalanche_dkvb.embeddings.cache import EmbeddingCache
-from avalanche_dkvb.embeddings.pipeline import cached_embeddings
 from avalanche_dkvb.validation import check_positive_int, check_seeds
-from benchmarks import cli, engine, methods, paths, real, toy2d
+from benchmarks import cli, engine, methods, real, toy2d
 from benchmarks.engine import Failure
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import ResultsWriter, read_run_info
@@ -135,9 +134,9 @@ class Job:
         if self.args.benchmark == "toy2d":
             return None
         s = self.settings
-        entries = {"train": _embeddings(self.args, s["image_set"], "train", s["train_per_class"]),
-                   "test": _embeddings(self.args, s["image_set"], "test", s["test_per_class"]),
-                   "init": _embeddings(self.args, s["key_init_set"], "train", s["key_init_per_class"])}
+        entries = {"train": real.load_embeddings(self.args, s["image_set"], "train", s["train_per_class"]),
+                   "test": real.load_embeddings(self.args, s["image_set"], "test", s["test_per_class"]),
+                   "init": real.load_embeddings(self.args, s["key_init_set"], "train", s["key_init_per_class"])}
         print(f"[{self.args.benchmark}] train {entries['train'].embeddings.shape}, test "
               f"{entries['test'].embeddings.shape}, key init {entries['init'].embeddings.shape} "
               f"({s['key_init_set']})", flush=True)
@@ -174,12 +173,6 @@ class Job:
                                  out / f"key_diagnostics_{cell.method}_seed{cell.seed}.png")
         plot_accuracy_curves(self.writer, out / "accuracy_curves.png")
         plot_final_matrices(self.writer, out / "final_accuracy_matrices.png")
-
-
-def _embeddings(args: argparse.Namespace, image_set: str, split: str, per_class: int | None):
-    return cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
-                             data_root=args.data_root, cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
-                             download=args.download, image_size=args.image_size, per_class=per_class)
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:

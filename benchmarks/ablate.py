@@ -31,11 +31,10 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_dkvb import DKVB, CountValues, MomentValues, create_dkvb_model, init_keys
 from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
-from avalanche_dkvb.embeddings.pipeline import cached_embeddings
 from benchmarks import paths
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_savefig, atomic_write_text
-from benchmarks.real import BENCHMARKS
+from benchmarks.real import BENCHMARKS, load_embeddings
 
 OWN_DATA_NOTE = "deviation: keys initialised on the stream's own unlabelled training inputs (every experience)"
 MODES = ("class_incremental", "iid")
@@ -123,6 +122,8 @@ def _grid() -> dict[str, Setting]:
         change(moments, name="moments K 256 d_key 64", key_dim=64),
         change(moments, name="moments K 64 d_key 32", num_keys=64, key_dim=32),
         change(moments, name="moments C 1024 K 256 d_key 32", num_codebooks=1024, key_dim=32),
+        change(moments, name="moments K 256 d_key 128", key_dim=128),
+        change(moments, name="moments C 1024 K 256 d_key 64", num_codebooks=1024, key_dim=64),
         change(counts01, name="counts 0.1 top-k 4 distance-weighted", top_k=4, distance_temperature=0.5),
         change(counts01, name="counts 0.1 top-k 16 distance-weighted", top_k=16, distance_temperature=0.5),
         change(counts01, name="counts 0.1 C 1024 top-k 4", num_codebooks=1024, top_k=4),
@@ -162,6 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (class order, key init, shuffling)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--encoder", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="default", help="'default', 'none' (random init) or a checkpoint path")
     parser.add_argument("--image-size", type=int, default=None, help="override the encoder's input resolution")
     parser.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
     parser.add_argument("--key-init-per-class", type=int, default=None, help="first N key-init images per class")
@@ -182,16 +184,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if args.weights not in ("default", "none") and not Path(args.weights).is_file():
+        parser.error(f"--weights must be 'default', 'none' or an existing checkpoint file, got {args.weights!r}")
     for name in ("epochs", "key_init_epochs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     return args
 
 
-def _embeddings(args, image_set: str, split: str, per_class: int | None):
-    cached = cached_embeddings(args.encoder, image_set, split, download=args.download, image_size=args.image_size,
-                               per_class=per_class, data_root=args.data_root, cache_root=args.cache_root,
-                               archive_dir=paths.ARCHIVE_DIR)
+def _embeddings(args, image_set: str, split: str, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    cached = load_embeddings(args, image_set, split, per_class)
     return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
 
 
@@ -356,7 +358,8 @@ def main(argv=None) -> int:
     context = {"benchmark": args.benchmark, "encoder": args.encoder, "image_size": args.image_size,
                "train_per_class": args.train_per_class, "key_init_per_class": args.key_init_per_class,
                "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set], "epochs": args.epochs,
-               "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set}
+               "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set,
+               **({} if args.weights == "default" else {"weights": args.weights})}  # folders before --weights
     command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
     with FolderLock(args.out, command):  # one writer per folder: two runs would overwrite each other's rows
         return _run(args, spec, context, command)

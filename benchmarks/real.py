@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 from avalanche_dkvb.data import DEFAULT_EXPERIENCES, IMAGE_SETS, NUM_CLASSES
+from avalanche_dkvb.embeddings.cache import CachedEmbeddings
+from avalanche_dkvb.embeddings.pipeline import cached_embeddings
 from avalanche_dkvb.encoders import get_encoder_spec
 from avalanche_dkvb.validation import check_divides, check_non_negative_float, check_positive_int, check_seeds
 from benchmarks import paths
@@ -131,6 +133,15 @@ def open_results(args, settings: dict) -> ResultsWriter:
     return ResultsWriter(args.out, context=context, resume=args.resume,
                          applies_to={"baseline_epochs": SGD_BASELINES,
                                      **{name: {method} for name, method in STRENGTHS.items()}})
+
+
+def load_embeddings(args, image_set: str, split: str, per_class: int | None) -> CachedEmbeddings:
+    """The embeddings of ``image_set``/``split`` (the first ``per_class`` images of each class; None: all)
+    for ``args``' encoder, weights, image size and data/cache folders, computed once and then read from the
+    cache; the one place the benchmark CLIs turn their flags into embeddings."""
+    return cached_embeddings(args.encoder, image_set, split, weights=None if args.weights == "none" else args.weights,
+                             data_root=args.data_root, cache_root=args.cache_root, archive_dir=paths.ARCHIVE_DIR,
+                             download=args.download, image_size=args.image_size, per_class=per_class)
 
 
 def _flag(name: str) -> str:
