@@ -11,6 +11,10 @@ by :func:`avalanche_dkvb.native.build_extension` (about 40 s once per machine an
 it cannot be built (no C++ compiler or ninja) :func:`native_search` returns None with a warning, and
 ``search_keys`` uses the matrix products.
 
+The kernel's 16-lane vectors are one AVX-512 register; without AVX-512 they spill, and on an AVX2 EPYC
+it searched a (256 codebooks, 256 heads, 4096 keys) block in 3.13 s against 0.69 s for the matrix
+products, so :func:`can_use_native_search` takes it only where torch reports AVX-512.
+
 Scores are summed in a different order from the matrix product's, so an exact near-tie (two keys
 within float32 rounding of each other) can go the other way; the chosen key is always a nearest key
 to float32 precision (``tests/test_native_search.py``). Ties in the kernel's own scores go to the
@@ -119,8 +123,9 @@ def native_search():
 
 
 def can_use_native_search(heads_aug: torch.Tensor, keys_aug: torch.Tensor, top_k: int) -> bool:
-    """Whether :func:`native_search` applies: top-1, CPU, float32, fewer than 2^24 keys (building it
-    if needed)."""
+    """Whether :func:`native_search` applies and pays: top-1, CPU with AVX-512, float32, fewer than 2^24
+    keys (building it if needed)."""
     return (top_k == 1 and heads_aug.device.type == "cpu" and keys_aug.device.type == "cpu"
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"
             and heads_aug.dtype == torch.float32 and keys_aug.dtype == torch.float32
             and keys_aug.stride(2) == 1 and keys_aug.shape[2] < 2**24 and native_search() is not None)

@@ -11,6 +11,12 @@ pytestmark = pytest.mark.skipif(not toolchain_available(),
                                 reason="no C++ compiler or no ninja: the fused search cannot be built")
 
 
+@pytest.fixture(autouse=True)
+def fused_search_everywhere(monkeypatch):
+    """search_keys takes the kernel only on AVX-512 CPUs; it is correct (slower) elsewhere, so test it."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+
 @pytest.fixture(scope="module")
 def kernel():
     built = native_search()
@@ -63,8 +69,11 @@ def test_fused_search_reads_keys_through_strides(kernel):
     assert torch.equal(search_keys(heads_aug, view), search_keys(heads_aug, augmented_keys(keys)))
 
 
-def test_fused_search_applies_only_to_top1_float32_on_the_cpu(kernel):
+def test_fused_search_applies_only_to_top1_float32_on_an_avx512_cpu(kernel, monkeypatch):
     heads_aug, keys_aug = torch.zeros(1, 2, 3), torch.zeros(1, 3, 4)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not can_use_native_search(heads_aug, keys_aug, 1)  # its 16-lane vectors spill: slower than bmm
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert can_use_native_search(heads_aug, keys_aug, 1)
     assert not can_use_native_search(heads_aug, keys_aug, 2)
     assert not can_use_native_search(heads_aug.double(), keys_aug.double(), 1)
