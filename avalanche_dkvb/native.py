@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.machinery
 import importlib.util
 import os
 import platform
@@ -61,8 +60,7 @@ def _load_or_build(name: str, source: str, functions: tuple[str, ...]):
             load_inline(name, cpp_sources=source, functions=list(functions), extra_cflags=flags,
                         build_directory=build_directory, verbose=False)
             os.replace(Path(build_directory) / f"{name}.so", library)
-    spec = importlib.util.spec_from_file_location(name, library,
-                                                  loader=importlib.machinery.ExtensionFileLoader(name, str(library)))
+    spec = importlib.util.spec_from_file_location(name, library)  # ".so": an extension module's loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -34,7 +34,7 @@ from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benc
 from benchmarks import paths
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_savefig, atomic_write_text
-from benchmarks.real import BENCHMARKS, load_embeddings
+from benchmarks.real import BENCHMARKS, check_weights, load_embeddings
 
 OWN_DATA_NOTE = "deviation: keys initialised on the stream's own unlabelled training inputs (every experience)"
 MODES = ("class_incremental", "iid")
@@ -184,8 +184,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    if args.weights not in ("default", "none") and not Path(args.weights).is_file():
-        parser.error(f"--weights must be 'default', 'none' or an existing checkpoint file, got {args.weights!r}")
+    try:
+        check_weights(args.weights)
+    except ValueError as error:
+        parser.error(str(error))
     for name in ("epochs", "key_init_epochs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -355,11 +357,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = BENCHMARKS[args.benchmark]
+    # "weights" only when not the default, so folders written before ablate had --weights still resume
     context = {"benchmark": args.benchmark, "encoder": args.encoder, "image_size": args.image_size,
                "train_per_class": args.train_per_class, "key_init_per_class": args.key_init_per_class,
                "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set], "epochs": args.epochs,
                "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set,
-               **({} if args.weights == "default" else {"weights": args.weights})}  # folders before --weights
+               **({} if args.weights == "default" else {"weights": args.weights})}
     command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])
     with FolderLock(args.out, command):  # one writer per folder: two runs would overwrite each other's rows
         return _run(args, spec, context, command)

@@ -109,9 +109,7 @@ def check_settings(settings: dict) -> None:
         get_encoder_spec(settings["encoder"])
     except ValueError as error:
         raise ValueError(f"--encoder: {error}") from None
-    weights = settings["weights"]
-    if weights not in ("default", "none") and not Path(weights).is_file():
-        raise ValueError(f"--weights must be 'default', 'none' or an existing checkpoint file, got {weights!r}.")
+    check_weights(settings["weights"])
     if settings["key_init_set"] not in IMAGE_SETS:
         raise ValueError(f"--key-init-set must be one of {', '.join(IMAGE_SETS)}, got {settings['key_init_set']!r}.")
     for name in POSITIVE_INTS:
@@ -133,6 +131,12 @@ def open_results(args, settings: dict) -> ResultsWriter:
     return ResultsWriter(args.out, context=context, resume=args.resume,
                          applies_to={"baseline_epochs": SGD_BASELINES,
                                      **{name: {method} for name, method in STRENGTHS.items()}})
+
+
+def check_weights(weights: str) -> None:
+    """ValueError unless ``--weights`` is 'default', 'none' or an existing checkpoint file."""
+    if weights not in ("default", "none") and not Path(weights).is_file():
+        raise ValueError(f"--weights must be 'default', 'none' or an existing checkpoint file, got {weights!r}.")
 
 
 def load_embeddings(args, image_set: str, split: str, per_class: int | None) -> CachedEmbeddings:
