@@ -154,8 +154,8 @@ def _default_order() -> list[str]:
 DEFAULT_SETTINGS = _default_order()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__,
+def parse_args(argv=None, prog: str = "python -m benchmarks.ablate", description: str = __doc__) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", default="split_cifar10_jpeg", choices=sorted(BENCHMARKS))
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
