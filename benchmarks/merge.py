@@ -19,7 +19,7 @@ import pandas as pd
 from avalanche_dkvb.atomic_files import atomic_write_text
 from benchmarks import cli
 from benchmarks.folder_lock import FolderBusy, FolderLock
-from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info, run_key
+from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info, run_key, setting_text
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
 
 PROG = "python -m benchmarks.merge"
@@ -81,7 +81,7 @@ def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list
 def _settings(run: ResultsWriter) -> dict:
     """The run's settings columns (everything in results.csv beside the metrics) and their values."""
     frame = pd.DataFrame(run.rows)
-    return {c: sorted(set(frame[c].astype(str))) for c in frame.columns if c not in RESULT_COLUMNS}
+    return {c: sorted(set(frame[c].map(setting_text))) for c in frame.columns if c not in RESULT_COLUMNS}
 
 
 def _check_same_settings(run_dirs: list[Path], runs: list[ResultsWriter]) -> None:

@@ -58,8 +58,8 @@ class ResultsWriter:
             value = self.context.get(column)
             applies = results.method.map(lambda method: self._applies(column, method))
             cells = results.loc[applies, column] if column in results else pd.Series(["<missing>"] * int(applies.sum()))
-            found = set(cells.dropna().astype(str)) | ({"<empty>"} if cells.isna().any() else set())
-            expected = {str(value)} if value is not None else {"<empty>"}
+            found = set(cells.dropna().map(setting_text)) | ({"<empty>"} if cells.isna().any() else set())
+            expected = {setting_text(value)} if value is not None else {"<empty>"}
             if applies.any() and found != expected and not (value is None and column not in results):
                 raise ValueError(f"Cannot resume: {path} has {column}={sorted(found)}, this run has "
                                  f"{column}={value!r}. Use another --out or the same settings.")
@@ -100,6 +100,14 @@ class ResultsWriter:
 
 
 KEY = ["benchmark", "method", "seed"]
+
+
+def setting_text(value) -> str:
+    """A setting as compared on resume: a whole float as its integer (a CSV column that is empty on some
+    rows comes back as floats, so 200 reads as 200.0), anything else as ``str``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def run_key(row: dict) -> tuple[str, str, int]:

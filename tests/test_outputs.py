@@ -50,6 +50,17 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     assert not ResultsWriter(tmp_path, context={"epochs": 2000}).done("bench", "dkvb", 0)  # no resume: fresh
 
 
+def test_resume_accepts_a_setting_that_applies_to_some_methods_only(tmp_path):
+    """Such a column is empty on the other methods' rows, so pandas reads it back as floats (200.0)."""
+    context, applies = {"baseline_epochs": 200}, {"baseline_epochs": {"linear"}}
+    writer = ResultsWriter(tmp_path, context=context, applies_to=applies)
+    writer.add("bench", "dkvb", 0, _result(0.5))
+    writer.add("bench", "linear", 0, _result(0.2))
+    assert ResultsWriter(tmp_path, context=context, applies_to=applies, resume=True).done("bench", "linear", 0)
+    with pytest.raises(ValueError, match="baseline_epochs"):
+        ResultsWriter(tmp_path, context={"baseline_epochs": 2000}, applies_to=applies, resume=True)
+
+
 def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     _run_dir(tmp_path / "a", [0, 1], {"epochs": 200})
     _run_dir(tmp_path / "b", [2], {"epochs": 200})
