@@ -5,7 +5,9 @@ Each block ``<!-- results:DIR -->`` ... ``<!-- /results:DIR -->`` in README.md i
 ``<!-- speed:DIR -->`` ... ``<!-- /speed:DIR -->`` by the table :func:`render_speed` makes of
 ``DIR/speed.json`` (written by ``python -m benchmarks.speed --out DIR``); each block
 ``<!-- ablation:DIR -->`` ... ``<!-- /ablation:DIR -->`` by ``DIR/summary.md`` of a
-``python -m benchmarks.ablate --out DIR`` run, under its run settings (``DIR/settings.json``).
+``python -m benchmarks.ablate --out DIR`` run, under its run settings (``DIR/settings.json``); each
+block ``<!-- probe:DIR -->`` ... ``<!-- /probe:DIR -->`` by ``DIR/summary.md`` of a
+``python -m benchmarks.metric_probe --out DIR`` run as it is (it starts with its command).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from avalanche_dkvb.atomic_files import atomic_write_text
 
-BLOCK = re.compile(r"(<!-- (?P<kind>results|speed|ablation):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)",
+BLOCK = re.compile(r"(<!-- (?P<kind>results|speed|ablation|probe):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)",
                    re.DOTALL)
-NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",), "ablation": ("settings.json", "summary.md")}
+NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",), "ablation": ("settings.json", "summary.md"),
+         "probe": ("summary.md",)}
 
 
 def render(run_dir: Path) -> str:
@@ -91,6 +94,8 @@ def _render_block(kind: str, folder: Path) -> str:
         return render_speed(json.loads((folder / "speed.json").read_text()))
     if kind == "ablation":
         return render_ablation(folder)
+    if kind == "probe":
+        return (folder / "summary.md").read_text()
     return render(folder)
 
 

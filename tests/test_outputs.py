@@ -159,3 +159,15 @@ def test_readme_ablation_block_is_the_runs_summary(tmp_path, monkeypatch):
     assert "old row" not in text and "| sgd | 3 |" in text and "benchmark bench, epochs 200" in text
     (folder / "summary.md").unlink()
     assert readme_main(readme) == 1 and readme.read_text() == text  # nothing to render: left as it was
+
+
+def test_readme_probe_block_is_the_probes_summary(tmp_path, monkeypatch):
+    folder = tmp_path / "results" / "probe"
+    folder.mkdir(parents=True)
+    (folder / "summary.md").write_text("Command: `probe`\n\n| row | seeds |\n|---|---|\n| lda identity | 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- probe:results/probe -->\nold\n<!-- /probe:results/probe -->\nb\n")
+    monkeypatch.chdir(tmp_path)
+    assert readme_main(readme) == 0
+    assert readme.read_text() == ("a\n<!-- probe:results/probe -->\nCommand: `probe`\n\n| row | seeds |\n|---|---|\n"
+                                  "| lda identity | 1 |\n<!-- /probe:results/probe -->\nb\n")
