@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from avalanche_dkvb.data import DEFAULT_EXPERIENCES
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
 from benchmarks import ablate
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_write_text
@@ -38,17 +37,20 @@ SOURCES = ("within-class", "own unlabelled", "key-init data", "identity")
 WHITENINGS = ("none", "key-init data", "own unlabelled")
 
 
-def shrunk_covariance(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (D, D) float64: ``(1 - SHRINKAGE) S + SHRINKAGE mean(diag S) I`` of the total covariance S."""
-    cov = torch.cov(x.double().T)
+def _shrunk(cov: torch.Tensor) -> torch.Tensor:
+    """``(1 - SHRINKAGE) S + SHRINKAGE mean(diag S) I`` of a (D, D) covariance S."""
     return (1 - SHRINKAGE) * cov + SHRINKAGE * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+
+
+def shrunk_covariance(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (D, D) float64: the shrunk total covariance of ``x``."""
+    return _shrunk(torch.cov(x.double().T))
 
 
 def within_class_covariance(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Pooled within-class covariance of (N, D) ``x``, shrunk like :func:`shrunk_covariance`."""
     centred = x.double() - torch.stack([x[y == c].double().mean(0) for c in range(num_classes)])[y]
-    cov = centred.T @ centred / (len(x) - num_classes)
-    return (1 - SHRINKAGE) * cov + SHRINKAGE * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    return _shrunk(centred.T @ centred / (len(x) - num_classes))
 
 
 def lda_predictor(x: torch.Tensor, y: torch.Tensor, num_classes: int, cov: torch.Tensor):
@@ -90,6 +92,7 @@ def _run(args, command: str) -> int:
     test_x, test_y = ablate._embeddings(args, spec.image_set, "test", None)
     other_x, _ = ablate._embeddings(args, spec.key_init_set, "train", args.key_init_per_class)
     num_classes = int(train_y.max()) + 1
+    experiences = args.experiences or DEFAULT_EXPERIENCES[spec.image_set]
     path = args.out / "results.csv"
     results = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["row", "seed"])
     done = set(zip(results["row"], results["seed"]))
@@ -131,8 +134,7 @@ def _run(args, command: str) -> int:
             start = time.perf_counter()
             model, error = keys.model(MOMENTS, seed)
             torch.manual_seed(seed)
-            stream = ablate.make_class_incremental_benchmark(white_train, train_y, white_test, test_y,
-                                                              args.experiences or DEFAULT_EXPERIENCES[spec.image_set], seed=seed)
+            stream = make_class_incremental_benchmark(white_train, train_y, white_test, test_y, experiences, seed=seed)
             strategy = ablate.train(MOMENTS, model, error, stream, args.epochs)
             accuracy = ablate.class_balanced_accuracy(ablate.predictor(strategy), white_test, test_y, num_classes)
             record(f"moments whitened {whitening}", seed, accuracy, time.perf_counter() - start)
