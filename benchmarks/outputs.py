@@ -58,10 +58,12 @@ class ResultsWriter:
             value = self.context.get(column)
             applies = results.method.map(lambda method: self._applies(column, method))
             cells = results.loc[applies, column] if column in results else pd.Series(["<missing>"] * int(applies.sum()))
-            found = set(cells.dropna().map(setting_text)) | ({"<empty>"} if cells.isna().any() else set())
+            empty = {"<empty>"} if cells.isna().any() else set()
+            found = set(cells.dropna().map(setting_text)) | empty
             expected = {setting_text(value)} if value is not None else {"<empty>"}
             if applies.any() and found != expected and not (value is None and column not in results):
-                raise ValueError(f"Cannot resume: {path} has {column}={sorted(found)}, this run has "
+                shown = sorted(set(cells.dropna().astype(str)) | empty)  # as the file holds them
+                raise ValueError(f"Cannot resume: {path} has {column}={shown}, this run has "
                                  f"{column}={value!r}. Use another --out or the same settings.")
         self.rows = results.to_dict("records")
         self.matrix_rows = matrices.to_dict("records")
