@@ -102,6 +102,7 @@ class ResultsWriter:
 
 
 KEY = ["benchmark", "method", "seed"]
+MATRIX_COLUMNS = KEY + ["after_experience", "on_experience", "accuracy"]
 
 
 def setting_text(value) -> str:
@@ -114,7 +115,6 @@ def setting_text(value) -> str:
 
 def run_key(row: dict) -> tuple[str, str, int]:
     return row["benchmark"], row["method"], int(row["seed"])
-MATRIX_COLUMNS = KEY + ["after_experience", "on_experience", "accuracy"]
 
 
 def load_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
