@@ -125,7 +125,8 @@ def _run(args, command: str) -> int:
     for whitening in WHITENINGS:
         if all((f"moments whitened {whitening}", seed) in done for seed in args.seeds):
             continue
-        transform = {"none": lambda x: x, "key-init data": zca(other_x), "own unlabelled": zca(train_x)}[whitening]
+        reference = {"none": None, "key-init data": other_x, "own unlabelled": train_x}[whitening]
+        transform = (lambda x: x) if reference is None else zca(reference)  # only the one whitening needed
         white_train, white_test = transform(train_x), transform(test_x)
         keys = ablate.KeyBank(train_x.shape[1], num_classes, {"other": transform(other_x)}, args.key_init_epochs)
         for seed in args.seeds:
