@@ -194,11 +194,6 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.ablate", description
     return args
 
 
-def _embeddings(args, image_set: str, split: str, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    cached = load_embeddings(args, image_set, split, per_class)
-    return torch.from_numpy(np.array(cached.embeddings)), torch.from_numpy(np.array(cached.labels))
-
-
 def class_balanced_accuracy(predict, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
     """Mean over classes of the accuracy of ``predict`` (inputs (B, D) -> logits (B, V)) on ``x``, ``y``."""
     with torch.no_grad():
@@ -370,9 +365,9 @@ def main(argv=None) -> int:
 
 def _run(args, spec, context: dict, command: str) -> int:
     results = load_finished(args.out, context)
-    train_x, train_y = _embeddings(args, spec.image_set, "train", args.train_per_class)
-    test_x, test_y = _embeddings(args, spec.image_set, "test", None)
-    other_x, _ = _embeddings(args, spec.key_init_set, "train", args.key_init_per_class)
+    train_x, train_y = load_embeddings(args, spec.image_set, "train", args.train_per_class).tensors()
+    test_x, test_y = load_embeddings(args, spec.image_set, "test", None).tensors()
+    other_x, _ = load_embeddings(args, spec.key_init_set, "train", args.key_init_per_class).tensors()
     num_classes = int(train_y.max()) + 1
     keys = KeyBank(train_x.shape[1], num_classes, {"other": other_x, "own": train_x,
                                                    "both": torch.cat([other_x, train_x])}, args.key_init_epochs)

@@ -124,11 +124,7 @@ def _slda(s: MethodSettings, evaluator):
                                evaluator=evaluator)
 
 
-METHODS = {
-    "dkvb": _dkvb,
-    "dkvb_counts": _dkvb_counts,
-    "dkvb_moments": _dkvb_moments,
-    "dkvb_moments_d64": _dkvb_moments_d64,
+SGD_METHODS = {
     "linear": lambda s, ev: _sgd(Naive, _linear(s), s, ev),
     "mlp": lambda s, ev: _sgd(Naive, _mlp(s), s, ev),
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
@@ -136,13 +132,21 @@ METHODS = {
     "si": lambda s, ev: _sgd(CopyingSynapticIntelligence, _linear(s), s, ev, si_lambda=s.si_lambda),
     "replay": lambda s, ev: _sgd(Replay, _linear(s), s, ev, in_memory=False, mem_size=s.memory),
     "gdumb": lambda s, ev: _sgd(GDumb, _linear(s), s, ev, mem_size=s.memory),
+    "joint": lambda s, ev: _sgd(Cumulative, _linear(s), s, ev),
+}
+"""The baselines trained by ``_sgd`` (the authors' baseline protocol): ``baseline_epochs`` applies to them."""
+
+METHODS = {
+    "dkvb": _dkvb,
+    "dkvb_counts": _dkvb_counts,
+    "dkvb_moments": _dkvb_moments,
+    "dkvb_moments_d64": _dkvb_moments_d64,
+    **SGD_METHODS,
     "slda": _slda,
     "ncm": lambda s, ev: NearestClassMean(in_features=s.input_dim, num_classes=s.num_classes,
                                           device=s.device, evaluator=ev),
     "ridge": lambda s, ev: RandomProjectionRidge(in_features=s.input_dim, num_classes=s.num_classes,
                                                  projection_dim=s.ridge_projection, device=s.device, evaluator=ev),
-    "joint": lambda s, ev: _sgd(Cumulative, _linear(s), s, ev),
 }
 
-SGD_BASELINES = frozenset({"linear", "mlp", "ewc", "lwf", "si", "replay", "gdumb", "joint"})
-"""The methods trained by ``_sgd``: ``baseline_epochs`` applies to them."""
+SGD_BASELINES = frozenset(SGD_METHODS)

@@ -29,7 +29,7 @@ from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benc
 from benchmarks import ablate
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_write_text
-from benchmarks.real import BENCHMARKS
+from benchmarks.real import BENCHMARKS, load_embeddings
 
 SHRINKAGE = 0.1
 MOMENTS = ablate.GRID["moments K 256 d_key 64"]
@@ -88,9 +88,9 @@ def main(argv=None) -> int:
 
 def _run(args, command: str) -> int:
     spec = BENCHMARKS[args.benchmark]
-    train_x, train_y = ablate._embeddings(args, spec.image_set, "train", args.train_per_class)
-    test_x, test_y = ablate._embeddings(args, spec.image_set, "test", None)
-    other_x, _ = ablate._embeddings(args, spec.key_init_set, "train", args.key_init_per_class)
+    train_x, train_y = load_embeddings(args, spec.image_set, "train", args.train_per_class).tensors()
+    test_x, test_y = load_embeddings(args, spec.image_set, "test", None).tensors()
+    other_x, _ = load_embeddings(args, spec.key_init_set, "train", args.key_init_per_class).tensors()
     num_classes = int(train_y.max()) + 1
     experiences = args.experiences or DEFAULT_EXPERIENCES[spec.image_set]
     path = args.out / "results.csv"

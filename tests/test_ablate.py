@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -22,9 +23,10 @@ def fake_embeddings(monkeypatch):
         n = 8 if split == "train" else 4
         y = torch.arange(10).repeat_interleave(n)
         g = torch.Generator().manual_seed(hash((image_set, split)) % 1000)
-        return centres[y] + 0.5 * torch.randn(len(y), 32, generator=g), y
+        x = centres[y] + 0.5 * torch.randn(len(y), 32, generator=g)
+        return SimpleNamespace(tensors=lambda: (x, y))  # stands in for a CachedEmbeddings
 
-    monkeypatch.setattr(ablate, "_embeddings", embeddings)
+    monkeypatch.setattr(ablate, "load_embeddings", embeddings)
 
 
 @pytest.fixture

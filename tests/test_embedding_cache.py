@@ -224,6 +224,16 @@ def test_returned_arrays_are_read_only(cache, key):
             entry.labels[0] = 1
 
 
+def test_tensors_are_writable_copies_that_leave_the_entry_alone(cache, key):
+    compute = CountingCompute()
+    entry = cache.get_or_compute(key, compute)
+    x, y = entry.tensors()
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (50, 16) and y.shape == (50,)
+    x[0, 0], y[0] = 123.0, 7
+    assert entry.embeddings[0, 0] == compute.embeddings[0, 0] != 123.0
+    assert entry.tensors()[1][0] == compute.labels[0]
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

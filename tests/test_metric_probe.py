@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
@@ -19,10 +20,10 @@ def _fake_embeddings(monkeypatch):
         n = 12 if split == "train" else 6
         y = torch.arange(10).repeat_interleave(n)
         g = torch.Generator().manual_seed(hash((image_set, split)) % 1000)
-        return centres[y] + scales * torch.randn(len(y), 32, generator=g), y
+        x = centres[y] + scales * torch.randn(len(y), 32, generator=g)
+        return SimpleNamespace(tensors=lambda: (x, y))  # stands in for a CachedEmbeddings
 
-    monkeypatch.setattr(ablate, "_embeddings", embeddings)
-    return embeddings
+    monkeypatch.setattr(metric_probe, "load_embeddings", embeddings)
 
 
 def test_zca_whitens_its_reference_without_shrinkage(monkeypatch):

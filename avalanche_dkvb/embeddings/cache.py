@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
+import torch
 
 from avalanche_dkvb.atomic_files import atomic_write
 
@@ -84,6 +85,10 @@ class CachedEmbeddings:
     path: Path
     fingerprint: str
     from_cache: bool
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writable in-memory copies: embeddings ``(N, D)`` float32 and labels ``(N,)`` int64."""
+        return torch.from_numpy(np.array(self.embeddings)), torch.from_numpy(np.array(self.labels))
 
 
 class _InvalidEntry(Exception):
