@@ -19,7 +19,8 @@ import pandas as pd
 from avalanche_dkvb.atomic_files import atomic_write_text
 from benchmarks import cli
 from benchmarks.folder_lock import FolderBusy, FolderLock
-from benchmarks.outputs import RESULT_COLUMNS, ResultsWriter, read_run_info, run_key, setting_text
+from benchmarks.outputs import (RESULT_COLUMNS, ResultsWriter, read_run_info, run_key, setting_text,
+                                threads_per_cell)
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
 
 PROG = "python -m benchmarks.merge"
@@ -46,7 +47,7 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
         "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
         "wall_clock_seconds": max((i["wall_clock_seconds"] for i in infos if not math.isnan(i["wall_clock_seconds"])),
                                   default=math.nan),
-        "torch_threads": max(i["torch_threads"] or 0 for i in infos),
+        "torch_threads": max(threads_per_cell(i) or 0 for i in infos),
         "torch": next((i["torch"] for i in infos if i["torch"]), None),
         "finished": max(i["finished"] for i in infos),
         "merged_runs": sum(i.get("merged_runs", 1) for i in infos),

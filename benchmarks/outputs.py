@@ -191,6 +191,12 @@ def read_run_info(run_dir: Path) -> dict:
     return info
 
 
+def threads_per_cell(info: dict) -> int | None:
+    """The torch threads each cell of a run used, from its ``run.json`` dict: a Ray cell's own
+    (``cell_threads``), else the process's (``torch_threads``; a merged record keeps the largest)."""
+    return info.get("cell_threads") if info.get("engine") == "ray" else info.get("torch_threads")
+
+
 def summarise(results: pd.DataFrame, keys: tuple[str, ...] = ("benchmark", "method")) -> pd.DataFrame:
     """Mean and std over seeds of every metric, one row per ``keys`` value, in run order."""
     grouped = results.groupby(list(keys), sort=False)[METRICS]

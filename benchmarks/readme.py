@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from avalanche_dkvb.atomic_files import atomic_write_text
+from benchmarks.outputs import threads_per_cell
 
 BLOCK = re.compile(r"(<!-- (?P<kind>results|speed|ablation|probe):(?P<dir>[^ ]+) -->\n).*?(<!-- /(?P=kind):(?P=dir) -->)",
                    re.DOTALL)
@@ -29,7 +30,7 @@ def render(run_dir: Path) -> str:
     info = json.loads((run_dir / "run.json").read_text())
     runs, seconds = info.get("merged_runs", 1), info["wall_clock_seconds"]
     facts = [f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s",
-             f"{info['torch_threads']} torch thread(s) each", f"finished {info['finished']}"]
+             f"{threads_per_cell(info)} torch thread(s) each", f"finished {info['finished']}"]
     if info.get("status", "finished") != "finished":
         facts.insert(0, f"status: {info['status']}")
     if "note" in info:

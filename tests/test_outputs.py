@@ -137,6 +137,14 @@ def test_readme_blocks_are_filled_from_the_runs_outputs(tmp_path, monkeypatch):
     assert "Command: `run [0, 1] ; run [2]` (2 runs merged, the longest 12 s" in text
     assert text.count("| bench | dkvb | 2 |") == 1 and text.count("| bench | dkvb | 3 |") == 1
 
+    ray_run = json.loads((tmp_path / "results" / "a" / "run.json").read_text())  # a Ray run: the cells' threads
+    ray_run.update(engine="ray", cell_threads=4, torch_threads=1)
+    (tmp_path / "results" / "a" / "run.json").write_text(json.dumps(ray_run))
+    merge([tmp_path / "results" / "a", tmp_path / "results" / "b"], tmp_path / "results" / "merged", replace=True)
+    assert readme_main(readme) == 0
+    text = readme.read_text()
+    assert text.count("4 torch thread(s) each") == 2 and "1 torch thread(s) each" not in text
+
     (tmp_path / "results" / "started").mkdir()
     (tmp_path / "results" / "started" / "run.json").write_text((tmp_path / "results" / "a" / "run.json").read_text())
     for folder in ("missing", "started"):  # no run there / a run that has not finished one method yet
