@@ -57,9 +57,10 @@ def _load_or_build(name: str, source: str, functions: tuple[str, ...]):
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=library.parent) as build_directory:
-            load_inline(name, cpp_sources=source, functions=list(functions), extra_cflags=flags,
-                        build_directory=build_directory, verbose=False)
+            module = load_inline(name, cpp_sources=source, functions=list(functions), extra_cflags=flags,
+                                 build_directory=build_directory, verbose=False)
             os.replace(Path(build_directory) / f"{name}.so", library)
+        return module  # already loaded by the build: not imported a second time from its new place
     spec = importlib.util.spec_from_file_location(name, library)  # ".so": an extension module's loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,9 +24,14 @@ def test_build_is_cached_and_survives_an_interrupted_build(tmp_path, monkeypatch
     # what a build killed half-way leaves: its private folder, holding torch's lock file
     (folder / ".dkvb_test_answer-killed").mkdir()
     (folder / ".dkvb_test_answer-killed" / "lock").touch()
+    built = []
+    real_load_inline = torch.utils.cpp_extension.load_inline
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline",
+                        lambda *args, **kwargs: built.append(real_load_inline(*args, **kwargs)) or built[-1])
     start = time.perf_counter()
     module = _build("dkvb_test_answer")
     assert module is not None and module.answer(1) == 43
+    assert built == [module]  # the build's own module, not the library imported a second time
     assert time.perf_counter() - start < 600  # it built instead of waiting on the stale lock
     libraries = sorted(p.name for p in folder.glob("dkvb_test_answer-*.so"))
     assert len(libraries) == 1
