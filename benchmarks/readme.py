@@ -71,6 +71,12 @@ def render_speed(speed: dict) -> str:
     lines += [
         f"| EMA key initialisation, one epoch over 10,000 embeddings (measured on "
         f"{sizes['key_init_embeddings']:,}) | {speed['key_init_s_per_epoch_10k']:.1f} s | | |",
+    ]
+    if "key_init_s_10_epochs_50k" in speed:  # older speed.json files timed one epoch with the projection
+        lines.append(f"| EMA key initialisation, 10 epochs over 50,000 embeddings (scaled: the projection once, "
+                     f"{speed['key_init_setup_s_per_10k']:.1f} s per 10,000, then the epochs) "
+                     f"| {speed['key_init_s_10_epochs_50k'] / 60:.1f} min | | |")
+    lines += [
         f"| evaluation of 10,000 embeddings, masked search (measured on {sizes['eval_embeddings']:,}"
         + (f"; {100 * speed['eval_used_key_fraction']:.0f} % of the keys used" if "eval_used_key_fraction" in speed
            else "") + f") | {speed['eval_s_per_10k']:.2f} s | | |",
