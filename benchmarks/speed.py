@@ -7,8 +7,8 @@ One run measures, in this order and in the same process (so the ratios hold on a
   same network in NCHW, same loader, batch and threads); the passes alternate ``--extract-repeats``
   times (medians), the embeddings are compared, and decoding alone is timed;
 * EMA key initialisation (``ema_init_keys``: one epoch and three, so an epoch is told apart from the
-  one-off projection of the heads; the issue's 10 epochs over 50,000 scaled from them), evaluation (the model's eval-mode forward, with
-  the masked search) and the DKVB strategy's fast training step at the paper's scale (C 256, K 4096,
+  one-off projection of the heads; the issue's 10 epochs over 50,000 scaled from them), evaluation (the
+  model's eval-mode forward, with the masked search) and the DKVB strategy's fast training step at the paper's scale (C 256, K 4096,
   d_key 14, batch 256), on stand-in embeddings (Gaussian class clusters), and the generic autograd step.
 
 The fast step is the median wall-clock time of a training epoch of ``DKVB.train`` (inside Avalanche's
