@@ -29,10 +29,15 @@ NEEDS = {"results": ("run.json", "summary.md"), "speed": ("speed.json",), "ablat
 def render(run_dir: Path) -> str:
     info = json.loads((run_dir / "run.json").read_text())
     runs, seconds = info.get("merged_runs", 1), info["wall_clock_seconds"]
-    facts = [f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s",
-             f"{threads_per_cell(info)} torch thread(s) each", f"finished {info['finished']}"]
-    if info.get("status", "finished") != "finished":
-        facts.insert(0, f"status: {info['status']}")
+    status, when = info.get("status", "finished"), info["finished"]  # when run.json was last written
+    threads = f"{threads_per_cell(info)} torch thread(s) each"
+    if status == "running":  # written as the run starts: no wall-clock time yet
+        facts = ["status: running", threads, f"started {when}"]
+    else:
+        facts = [f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s",
+                 threads, f"finished {when}" if status == "finished" else f"ended {when}"]
+        if status != "finished":
+            facts.insert(0, f"status: {status}")
     if "note" in info:
         facts.append(f"note: {info['note']}")
     return f"Command: `{info['command']}` ({', '.join(facts)}).\n\n" + (run_dir / "summary.md").read_text()

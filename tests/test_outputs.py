@@ -145,6 +145,14 @@ def test_readme_blocks_are_filled_from_the_runs_outputs(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.count("4 torch thread(s) each") == 2 and "1 torch thread(s) each" not in text
 
+    running = json.loads((tmp_path / "results" / "a" / "run.json").read_text())  # a run still going
+    running.update(status="running", wall_clock_seconds=0.0, finished="2026-01-01 10:00 UTC")
+    (tmp_path / "results" / "a" / "run.json").write_text(json.dumps(running))
+    assert readme_main(readme) == 0
+    text = readme.read_text()
+    assert "(status: running, 4 torch thread(s) each, started 2026-01-01 10:00 UTC)" in text
+    assert "wall-clock 0 s" not in text
+
     (tmp_path / "results" / "started").mkdir()
     (tmp_path / "results" / "started" / "run.json").write_text((tmp_path / "results" / "a" / "run.json").read_text())
     for folder in ("missing", "started"):  # no run there / a run that has not finished one method yet
