@@ -16,8 +16,11 @@ failed, elapsed time and an estimate of the time left.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -155,13 +158,31 @@ def _ray_task(work, cell, data, threads: int):
     return work(cell, data)
 
 
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Put the process's SIGINT/SIGTERM handlers back after the block: ``ray.init`` replaces SIGTERM's
+    with its own (which exits the driver at once, and a C++ one that logs the signal), so a ``kill``
+    would end the run without its final status being written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back from here
+                signal.signal(signum, handler)
+
+
 def _run_ray(work, cells, shared, commit, progress: Progress, args, stop_requested) -> list[Failure]:
     import ray  # only here: the local engine never imports Ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False,
-                 logging_level="WARNING", configure_logging=True)
+        with _signal_handlers_kept():
+            ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False,
+                     logging_level="WARNING", configure_logging=True)
     try:
         resources = ray.cluster_resources()
         slots = math.floor(resources.get("CPU", 0) / args.cpus_per_cell + 1e-9)  # cells at once

@@ -238,3 +238,26 @@ def test_progress_shows_finished_running_failed_elapsed_and_an_estimate():
     now[0] += 3600.0
     progress.finished = 4
     assert progress.line(running=0) == "[cells: 4/5 finished, 0 running, 1 failed; 1:00:30 elapsed]"
+
+
+def test_sigterm_after_ray_init_still_reaches_the_runs_own_handler(tmp_path):
+    """ray.init replaces SIGTERM's handler with Ray's (it exits the driver at once, so run.json would
+    stay "running"); the engine puts the run's own handler back. Real process, its own Ray."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        import ray
+        from benchmarks.__main__ import StopSignals
+        from benchmarks.engine import _signal_handlers_kept
+        with StopSignals():
+            with _signal_handlers_kept():
+                ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+                print("NOT INTERRUPTED")
+            except KeyboardInterrupt:
+                print("INTERRUPTED")
+        ray.shutdown()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "INTERRUPTED", (done.returncode, done.stdout, done.stderr)
