@@ -8,8 +8,9 @@ One run measures, in this order and in the same process (so the ratios hold on a
   times (medians), the embeddings are compared, and decoding alone is timed;
 * EMA key initialisation (``ema_init_keys``: one epoch and three, so an epoch is told apart from the
   one-off projection of the heads; the issue's 10 epochs over 50,000 scaled from them), evaluation (the
-  model's eval-mode forward, with the masked search) and the DKVB strategy's fast training step at the paper's scale (C 256, K 4096,
-  d_key 14, batch 256), on stand-in embeddings (Gaussian class clusters), and the generic autograd step.
+  model's eval-mode forward, with the masked search) and the DKVB strategy's fast training step at the
+  paper's scale (C 256, K 4096, d_key 14, batch 256), on stand-in embeddings (Gaussian class clusters),
+  and the generic autograd step.
 
 The fast step is the median wall-clock time of a training epoch of ``DKVB.train`` (inside Avalanche's
 loop, every callback fired, epoch accuracy and loss metrics on) per step, over ``--epochs`` epochs after a
@@ -36,7 +37,6 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -162,9 +162,12 @@ def measure_bottleneck(args, device: torch.device) -> dict:
     strategy.train(experience)
     fast_step_s = statistics.median(epoch_timer.seconds[1:]) / steps_per_epoch
     print(f"fast step: {1e3 * fast_step_s:.3f} ms ({args.epochs} epochs x {steps_per_epoch} steps)", flush=True)
-    kernel_step_s = _time_fast_step_alone(copy.deepcopy(trained), experience, args, device)
+    alone = copy.deepcopy(trained)
+    batches = CachedExperienceBatches(alone, experience.dataset.eval(), TRAIN_BATCH, True, device)
+    kernel_step_s = _time_fast_step_alone(alone, batches, args, device)
     print(f"fast step outside the loop: {1e3 * kernel_step_s:.3f} ms", flush=True)
-    spread_step_s = _time_fast_step_spread(copy.deepcopy(trained), args, device)
+    spread = copy.deepcopy(trained)
+    spread_step_s = _time_fast_step_alone(spread, SpreadRows(spread.bottleneck, device), args, device)
     print(f"fast step on rows spread over all keys: {1e3 * spread_step_s:.3f} ms", flush=True)
 
     trained.eval()  # keys used in training: the eval forward searches only those
@@ -208,10 +211,10 @@ def measure_bottleneck(args, device: torch.device) -> dict:
     }
 
 
-def _time_fast_step_alone(model, experience, args, device: torch.device) -> float:
+def _time_fast_step_alone(model, batches, args, device: torch.device) -> float:
     """Median seconds of one fast step (forward, loss with its gradient, update) timed like the generic
-    step: outside Avalanche's loop, on the cached experience's shuffled minibatches."""
-    batches = CachedExperienceBatches(model, experience.dataset.eval(), TRAIN_BATCH, True, device)
+    step: outside Avalanche's loop, over ``1 + args.epochs`` passes of ``batches`` (the first warms up),
+    which yields minibatches ``[x, y, t]`` and sets ``current_rows`` to each one's rows."""
     kernels = Kernels(compiled=args.fast_path == "compiled")
     kernels.prepare(model.bottleneck.values)
     step = FastStep(model, batches, 0.1, kernels)
@@ -228,30 +231,31 @@ def _time_fast_step_alone(model, experience, args, device: torch.device) -> floa
     return statistics.median(times[len(batches):])
 
 
-def _time_fast_step_spread(model, args, device: torch.device, steps: int = 20) -> float:
-    """Median seconds of one fast step, as :func:`_time_fast_step_alone` times it, on ``steps`` batches
-    whose rows are drawn uniformly over each codebook's keys (the rows a real data set selects are
-    spread like these, not gathered in the caches like the stand-in clusters')."""
-    bottleneck = model.bottleneck
-    C, K, k, V = bottleneck.num_codebooks, bottleneck.num_keys, bottleneck.top_k, bottleneck.value_dim
-    generator = torch.Generator().manual_seed(0)
-    codebook_of_column = torch.arange(C).repeat_interleave(k)  # rows are (b, C*k), codebook-major
-    kernels = Kernels(compiled=args.fast_path == "compiled")
-    kernels.prepare(bottleneck.values)
-    batch = SimpleNamespace(current_rows=None)
-    step = FastStep(model, batch, 0.1, kernels)
-    times = []
-    with torch_threads(args.fast_path_threads):
-        for _ in range(steps):
-            rows = codebook_of_column * K + torch.randint(K, (TRAIN_BATCH, C * k), generator=generator)
-            batch.current_rows = rows.to(device=device, dtype=torch.int32)
-            y = torch.randint(V, (TRAIN_BATCH,), generator=generator).to(device)
-            start = time.perf_counter()
-            step.loss(step.forward(), y)
-            step.step(0.3)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class SpreadRows:
+    """``steps`` minibatches of random labels whose rows (b, C*k) are drawn uniformly over each
+    codebook's keys, fresh each pass: the rows a real data set selects are spread like these, not
+    gathered in the caches like the stand-in clusters'. Iterates like :class:`CachedExperienceBatches`."""
+
+    def __init__(self, bottleneck, device: torch.device, steps: int = 20) -> None:
+        self.num_keys, self.num_classes = bottleneck.num_keys, bottleneck.value_dim
+        self.device, self.steps = device, steps
+        self.codebook_of_column = torch.arange(bottleneck.num_codebooks).repeat_interleave(bottleneck.top_k)
+        fits = bottleneck.usage_counts.numel() <= torch.iinfo(torch.int32).max  # as CachedExperienceBatches
+        self.row_type = torch.int32 if fits else torch.long
+        self.generator = torch.Generator().manual_seed(0)
+        self.current_rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            shape = (TRAIN_BATCH, len(self.codebook_of_column))
+            offsets = torch.randint(self.num_keys, shape, generator=self.generator)
+            rows = self.codebook_of_column * self.num_keys + offsets  # codebook-major, like the lookup's
+            self.current_rows = rows.to(device=self.device, dtype=self.row_type)
+            y = torch.randint(self.num_classes, (TRAIN_BATCH,), generator=self.generator).to(self.device)
+            yield [None, y, None]
 
 
 def _time_search(bottleneck, x: torch.Tensor) -> dict:
