@@ -147,6 +147,12 @@ def fast_path_blocker(strategy, criterion: nn.Module, clip_grad_norm: float | No
 
 
 # -- where the rows come from ----------------------------------------------------------------------
+def row_dtype(num_rows: int) -> torch.dtype:
+    """The dtype of row indices into a value table of ``num_rows`` rows: int32 where it holds them
+    (half the bytes to move per step), else int64."""
+    return torch.int32 if num_rows <= torch.iinfo(torch.int32).max else torch.long
+
+
 class CachedExperienceBatches:
     """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
     selected rows (N, C*k). Iterating yields ``len(self)`` batches of ``batch_size`` (a fresh
@@ -170,8 +176,7 @@ class CachedExperienceBatches:
                 ts.append(t.to(device))
         self.inputs, self.targets, self.task_labels = torch.cat(xs), torch.cat(ys), torch.cat(ts)
         self.usage_counts = model.bottleneck.usage_counts  # (C, K)
-        row_type = torch.int32 if self.usage_counts.numel() <= torch.iinfo(torch.int32).max else torch.long
-        self.rows = torch.cat(rows).to(row_type)  # (N, C*k)
+        self.rows = torch.cat(rows).to(row_dtype(self.usage_counts.numel()))  # (N, C*k)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.current_rows: torch.Tensor | None = None
         self.epoch_counts = self._counts(self.rows)

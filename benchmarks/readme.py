@@ -31,13 +31,12 @@ def render(run_dir: Path) -> str:
     runs, seconds = info.get("merged_runs", 1), info["wall_clock_seconds"]
     status, when = info.get("status", "finished"), info["finished"]  # when run.json was last written
     threads = f"{threads_per_cell(info)} torch thread(s) each"
+    facts = [] if status == "finished" else [f"status: {status}"]
     if status == "running":  # written as the run starts: no wall-clock time yet
-        facts = ["status: running", threads, f"started {when}"]
+        facts += [threads, f"started {when}"]
     else:
-        facts = [f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s",
-                 threads, f"finished {when}" if status == "finished" else f"ended {when}"]
-        if status != "finished":
-            facts.insert(0, f"status: {status}")
+        duration = f"{runs} runs merged, the longest {seconds:.0f} s" if runs > 1 else f"wall-clock {seconds:.0f} s"
+        facts += [duration, threads, f"{'finished' if status == 'finished' else 'ended'} {when}"]
     if "note" in info:
         facts.append(f"note: {info['note']}")
     return f"Command: `{info['command']}` ({', '.join(facts)}).\n\n" + (run_dir / "summary.md").read_text()

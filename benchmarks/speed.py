@@ -49,7 +49,7 @@ from avalanche_dkvb.bottleneck import augmented_heads, augmented_keys, search_ke
 from avalanche_dkvb.data import load_image_set
 from avalanche_dkvb.data.streams import make_class_incremental_benchmark
 from avalanche_dkvb.embeddings import extract_embeddings
-from avalanche_dkvb.fast_path import CachedExperienceBatches, FastStep, Kernels, torch_threads
+from avalanche_dkvb.fast_path import CachedExperienceBatches, FastStep, Kernels, row_dtype, torch_threads
 from avalanche_dkvb.strategy import FAST_PATH_MODES
 from avalanche_dkvb.encoders import (
     BACKENDS,
@@ -240,8 +240,7 @@ class SpreadRows:
         self.num_keys, self.num_classes = bottleneck.num_keys, bottleneck.value_dim
         self.device, self.steps = device, steps
         self.codebook_of_column = torch.arange(bottleneck.num_codebooks).repeat_interleave(bottleneck.top_k)
-        fits = bottleneck.usage_counts.numel() <= torch.iinfo(torch.int32).max  # as CachedExperienceBatches
-        self.row_type = torch.int32 if fits else torch.long
+        self.row_type = row_dtype(bottleneck.usage_counts.numel())
         self.generator = torch.Generator().manual_seed(0)
         self.current_rows: torch.Tensor | None = None
 

@@ -17,7 +17,7 @@ from avalanche.training.plugins import EvaluationPlugin, GDumbPlugin, LRSchedule
 from torch import nn
 
 from avalanche_dkvb import DKVB, DKVBPlugin, create_dkvb_model, ema_init_keys
-from avalanche_dkvb.fast_path import RowsByContent, gradient_norm_bound, plugin_blocker
+from avalanche_dkvb.fast_path import RowsByContent, gradient_norm_bound, plugin_blocker, row_dtype
 
 KEY_INIT = {"epochs": 5, "batch_size": 64}
 
@@ -396,3 +396,9 @@ def test_avalanche_eval_plugin_example_metrics_and_loggers_agree(make_model, ini
     for name in compared:
         fast, slow = curves["eager"][name][1], curves["off"][name][1]
         assert len(fast) == len(slow) and max(abs(a - b) for a, b in zip(fast, slow)) < 1e-5, name
+
+
+def test_row_indices_are_int32_exactly_while_int32_holds_every_row():
+    assert row_dtype(256 * 4096) == torch.int32
+    assert row_dtype(2**31 - 1) == torch.int32  # the last row index, 2**31 - 2, fits
+    assert row_dtype(2**31) == torch.long
