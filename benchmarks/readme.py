@@ -77,6 +77,11 @@ def render_speed(speed: dict) -> str:
                      f"spread like this; the stand-in clusters keep their rows in the caches) | "
                      f"{speed['fast_step_spread_ms']:.3f} ms | generic autograd step: {speed['generic_step_ms']:.1f} ms "
                      f"| {speed['generic_step_ms'] / speed['fast_step_spread_ms']:.0f}x |")
+    if "memory_copy_gb_per_s" in speed:
+        lines.append(f"| value rows moved by that step (read, then read and written) | "
+                     f"{speed['fast_step_spread_gb_per_s']:.1f} GB/s | a plain copy on the same threads: "
+                     f"{speed['memory_copy_gb_per_s']:.1f} GB/s | "
+                     f"{speed['fast_step_spread_gb_per_s'] / speed['memory_copy_gb_per_s']:.2f}x |")
     lines += [
         f"| EMA key initialisation, one epoch over 10,000 embeddings (measured on "
         f"{sizes['key_init_embeddings']:,}) | {speed['key_init_s_per_epoch_10k']:.1f} s | | |",

@@ -20,7 +20,8 @@ timed outside the loop (lookup, autograd, clip, SGD), so the fast step is also t
 clusters select few keys per codebook, so their rows stay in the caches; real embeddings spread over
 many more (on Tiny-ImageNet with CIFAR-10 keys, 54 % of the keys after one experience), and the step is
 then bound by memory: ``fast_step_spread_ms`` times the same step on rows drawn uniformly over all keys
-(every row a cache miss), the bound for real data. ``--quick``
+(every row a cache miss), the bound for real data, and ``fast_step_spread_gb_per_s`` is the rate at which
+it moves value rows against ``memory_copy_gb_per_s``, a plain copy on the same threads. ``--quick``
 shrinks every size so the whole run takes a few minutes on 2 cores. ``benchmarks.readme`` renders the
 README's table from the file.
 """
@@ -168,7 +169,13 @@ def measure_bottleneck(args, device: torch.device) -> dict:
     print(f"fast step outside the loop: {1e3 * kernel_step_s:.3f} ms", flush=True)
     spread = copy.deepcopy(trained)
     spread_step_s = _time_fast_step_alone(spread, SpreadRows(spread.bottleneck, device), args, device)
-    print(f"fast step on rows spread over all keys: {1e3 * spread_step_s:.3f} ms", flush=True)
+    bottleneck = trained.bottleneck  # each step reads its TRAIN_BATCH x C*k rows, then reads and writes them
+    row_bytes = bottleneck.value_dim * bottleneck.values.element_size()
+    spread_bytes = 3 * TRAIN_BATCH * bottleneck.num_codebooks * bottleneck.top_k * row_bytes
+    copy_bytes_per_s = _copy_bandwidth(trained.bottleneck.values, args.fast_path_threads, args.epochs)
+    print(f"fast step on rows spread over all keys: {1e3 * spread_step_s:.3f} ms "
+          f"({spread_bytes / spread_step_s / 1e9:.1f} GB/s of value rows; a copy moves "
+          f"{copy_bytes_per_s / 1e9:.1f} GB/s)", flush=True)
 
     trained.eval()  # keys used in training: the eval forward searches only those
     with torch.inference_mode():  # kernels are built and warm from training; the searched keys are not
@@ -201,6 +208,8 @@ def measure_bottleneck(args, device: torch.device) -> dict:
         "fast_step_alone_ms": 1e3 * kernel_step_s,
         "fast_step_alone_speedup": generic_step_s / kernel_step_s,
         "fast_step_spread_ms": 1e3 * spread_step_s,
+        "fast_step_spread_gb_per_s": spread_bytes / spread_step_s / 1e9,
+        "memory_copy_gb_per_s": copy_bytes_per_s / 1e9,
         "key_init_s_per_epoch_10k": key_epoch_s * 10_000 / len(init_x),
         "key_init_setup_s_per_10k": key_setup_s * 10_000 / len(init_x),  # projecting the heads, once a run
         "key_init_s_10_epochs_50k": (key_setup_s + 10 * key_epoch_s) * 50_000 / len(init_x),  # linear in N
@@ -229,6 +238,21 @@ def _time_fast_step_alone(model, batches, args, device: torch.device) -> float:
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
     return statistics.median(times[len(batches):])
+
+
+def _copy_bandwidth(values: torch.Tensor, threads: int | None, repeats: int) -> float:
+    """Median bytes per second (read plus written) of copying ``values`` (the value table, or 256 MiB of
+    it) on ``threads`` threads: the rate the memory-bound spread step is compared against."""
+    source = values.detach().reshape(-1)[: 2**26]
+    target = torch.empty_like(source)
+    times = []
+    with torch_threads(threads):
+        for _ in range(1 + repeats):  # the first copy faults the target's pages in
+            start = time.perf_counter()
+            target.copy_(source)
+            _synchronize(source.device)
+            times.append(time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / statistics.median(times[1:])
 
 
 class SpreadRows:
