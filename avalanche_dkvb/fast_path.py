@@ -66,6 +66,12 @@ def _periodic_eval(plugin, strategy) -> str | None:
     return None
 
 
+def _early_stopping(plugin, strategy) -> str | None:
+    if plugin.peval_mode == "iteration":
+        return "it saves and restores the model every iteration, in the middle of an epoch"
+    return None
+
+
 def _lr_scheduler(plugin, strategy) -> str | None:
     if plugin.scheduler.optimizer is not strategy.optimizer:
         return "its scheduler drives another optimizer than the strategy's"
@@ -82,7 +88,9 @@ def _exact_plugins() -> dict[type, Callable]:
     - LRSchedulerPlugin (epoch or iteration): the step reads the learning rate at every update.
     - ReplayPlugin: it replaces the loader, which the fast path then iterates (:class:`RowsByContent`).
     - GDumbPlugin: it replaces the adapted dataset and resets the model before the loader is built.
-    - EarlyStoppingPlugin: it only calls ``stop_training``, which Avalanche's loop obeys.
+    - EarlyStoppingPlugin per epoch: it saves and restores the model between epochs, where the usage
+      counts are complete, and calls ``stop_training``, which Avalanche's loop obeys; per iteration it
+      would save and restore them half-counted.
     """
     from avalanche.training.plugins import (EarlyStoppingPlugin, EvaluationPlugin, GDumbPlugin,
                                             LRSchedulerPlugin, ReplayPlugin)
@@ -91,7 +99,7 @@ def _exact_plugins() -> dict[type, Callable]:
     from avalanche_dkvb.plugin import DKVBPlugin
     return {EvaluationPlugin: _always, Clock: _always, PeriodicEval: _periodic_eval, DKVBPlugin: _always,
             LRSchedulerPlugin: _lr_scheduler, ReplayPlugin: _always, GDumbPlugin: _always,
-            EarlyStoppingPlugin: _always}
+            EarlyStoppingPlugin: _early_stopping}
 
 
 def plugin_blocker(plugin, strategy) -> str | None:

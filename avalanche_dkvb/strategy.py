@@ -95,6 +95,7 @@ class DKVB(SupervisedTemplate):
         self.fast_path_threads = fast_path_threads
         self._kernels = Kernels(compiled=fast_path == "compiled")
         self._default_loader = None  # the loader make_train_dataloader built, to see if a plugin replaced it
+        self._loader_shapes_batches = False  # whether that loader's batches are more than plain minibatches
         self._fast_step: FastStep | None = None
 
     @property
@@ -109,6 +110,9 @@ class DKVB(SupervisedTemplate):
     def make_train_dataloader(self, shuffle: bool = True, **kwargs):
         super().make_train_dataloader(shuffle=shuffle, **kwargs)
         self._default_loader, self._shuffle = self.dataloader, shuffle
+        # The cached batches are plain minibatches of the dataset; a loader that drops the last one or
+        # balances several task labels (Avalanche's TaskBalancedDataLoader) is iterated as it is instead.
+        self._loader_shapes_batches = bool(kwargs.get("drop_last")) or _task_label_count(self.adapted_dataset) > 1
 
     def _before_training_exp(self, **kwargs):
         super()._before_training_exp(**kwargs)  # plugins: key init, freezing, replay loaders, ...
@@ -120,7 +124,7 @@ class DKVB(SupervisedTemplate):
             warnings.warn(f"DKVB fast path off for this experience: {blocker}.", stacklevel=2)
             return
         self._kernels.prepare(self.model.bottleneck.values)
-        if self.dataloader is self._default_loader:
+        if self.dataloader is self._default_loader and not self._loader_shapes_batches:
             batches = CachedExperienceBatches(self.model, self.adapted_dataset.eval(), self.train_mb_size,
                                               self._shuffle, self.device)
         else:
@@ -158,3 +162,9 @@ class DKVB(SupervisedTemplate):
     def _after_training_exp(self, **kwargs):
         self._fast_step = None  # frees the cached experience and its (C*k, N) rows
         super()._after_training_exp(**kwargs)
+
+
+def _task_label_count(dataset) -> int:
+    """How many task labels an Avalanche dataset holds (1 for a dataset without them)."""
+    labels = getattr(dataset, "targets_task_labels", None)
+    return 1 if labels is None else len(labels.uniques)

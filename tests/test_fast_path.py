@@ -402,3 +402,54 @@ def test_row_indices_are_int32_exactly_while_int32_holds_every_row():
     assert row_dtype(256 * 4096) == torch.int32
     assert row_dtype(2**31 - 1) == torch.int32  # the last row index, 2**31 - 2, fits
     assert row_dtype(2**31) == torch.long
+
+
+def test_early_stopping_per_epoch_keeps_fast_path_per_iteration_does_not(make_model, init_data, toy_stream):
+    """Per iteration EarlyStoppingPlugin snapshots and restores the model mid-epoch, where the fast path's
+    usage counts are not yet added: it must step aside (with a warning) and train as fast_path="off"."""
+    from avalanche.training.plugins import EarlyStoppingPlugin
+
+    def train(mode, peval_mode):
+        model = initialised(make_model(), init_data)
+        probe = FastPathProbe()
+        stopper = EarlyStoppingPlugin(patience=1, val_stream_name="train_stream", peval_mode=peval_mode)
+        strategy = make_dkvb(model, EvaluationPlugin(accuracy_metrics(stream=True)), mode, [probe, stopper],
+                             epochs=6, eval_every=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*EarlyStopping will not be triggered.*")
+            strategy.train(toy_stream.train_stream[0], shuffle=False)
+        return strategy, probe
+
+    fast, probe = train("eager", "epoch")
+    assert all(probe.seen) and len(probe.seen) > 1
+    assert_same_training(fast, train("off", "epoch")[0])
+    with pytest.warns(UserWarning, match="fast path off.*EarlyStoppingPlugin.*every iteration"):
+        fast, probe = train("eager", "iteration")
+    assert not any(probe.seen)
+    assert_same_training(fast, train("off", "iteration")[0])
+
+
+@pytest.mark.parametrize("loader", ["drop_last", "two_task_labels"])
+def test_loaders_that_shape_their_batches_are_iterated_as_they_are(loader, make_model, init_data):
+    """train(drop_last=True) drops the last partial batch; an experience with two task labels is loaded
+    task-balanced (oversampling the smaller): the fast path trains on those batches, as the generic loop."""
+    from avalanche.benchmarks import dataset_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 2, generator=g), torch.randint(0, 8, (40,), generator=g)
+    tasks = torch.tensor([0] * 32 + [1] * 8) if loader == "two_task_labels" else torch.zeros(40, dtype=torch.long)
+    experience = dataset_benchmark([tensor_dataset(x, y, task_labels=tasks)], [tensor_dataset(x, y)]).train_stream[0]
+    options = {"drop_last": True} if loader == "drop_last" else {}
+    strategies = []
+    for mode in ("eager", "off"):
+        probe = FastPathProbe()
+        strategy = make_dkvb(initialised(make_model(), init_data), EvaluationPlugin(), mode, [probe], epochs=2)
+        strategy.train(experience, shuffle=False, **options)
+        strategies.append(strategy)
+    fast, slow = strategies
+    assert fast.plugins[0].seen == [True, True]
+    # plain batches of 16 would be 3 an epoch; dropping the last leaves 2; balancing gives 8 + 8 a batch,
+    # so task 0's 32 samples take 4 (task 1's 8 oversampled)
+    assert fast.clock.train_exp_iterations == slow.clock.train_exp_iterations == 2 * (2 if loader == "drop_last" else 4)
+    assert_same_training(fast, slow)
