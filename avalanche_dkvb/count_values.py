@@ -70,6 +70,7 @@ def values_from_counts(counts: torch.Tensor, rule: str = "log_posterior", smooth
     counts = counts.to(torch.float64)
     if rule == "counts":
         return counts.to(torch.float32)
+    check_positive_float("smoothing", smoothing)  # a pseudo-count per class: 0 or inf give NaN rows
     num_classes = counts.shape[-1]
     posterior = (counts + smoothing) / (counts.sum(-1, keepdim=True) + num_classes * smoothing)
     relative = num_classes * posterior  # 1 for a uniform posterior
@@ -136,9 +137,8 @@ class CountValues(SupervisedTemplate):
             raise ValueError(f"value_rule must be one of {VALUE_RULES}, got {value_rule!r}.")
         if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
             raise TypeError(f"smoothing must be a real number, got {type(smoothing).__name__}.")
-        if not smoothing > 0 and value_rule != "counts":
-            raise ValueError(f"smoothing must be > 0 for value_rule={value_rule!r} (a pseudo-count "
-                             f"per class), got {smoothing}.")
+        if value_rule != "counts":  # a pseudo-count per class; the counts rule does not use it
+            check_positive_float("smoothing", smoothing)
         if distance_temperature is not None:
             check_positive_float("distance_temperature", distance_temperature)
         check_positive_int("embed_batch_size", embed_batch_size)

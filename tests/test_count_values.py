@@ -169,8 +169,12 @@ def test_bad_inputs_give_clear_errors(data):
         CountValues(model=create_dkvb_model(DIM, CLASSES, num_codebooks=4, num_keys=8))
     with pytest.raises(ValueError, match="value_rule"):
         counting(frozen_model(), value_rule="softmax")
-    with pytest.raises(ValueError, match="smoothing"):
-        counting(frozen_model(), smoothing=0.0)
+    for smoothing in (0.0, -1.0, float("inf"), float("nan")):  # inf passed before: NaN values after training
+        with pytest.raises(ValueError, match="smoothing must be a finite number > 0"):
+            counting(frozen_model(), smoothing=smoothing)
+        with pytest.raises(ValueError, match="smoothing must be a finite number > 0"):
+            values_from_counts(torch.tensor([[0, 0, 0], [2, 0, 0]]), smoothing=smoothing)
+    assert torch.equal(values_from_counts(torch.tensor([[2, 0]]), "counts", smoothing=0.0), torch.tensor([[2.0, 0.0]]))
     strategy = counting(frozen_model())
     x = data[0][:4]
     selection = strategy._select(x, only_used=False)
