@@ -79,10 +79,10 @@ def _save_ewc(strategy) -> dict:
 
 def _load_ewc(strategy, state: dict) -> None:
     plugin = _ewc_plugin(strategy)
-    for name in ("saved_params", "importances"):
-        restored = defaultdict(dict)
-        restored.update({int(k): _to_param_data_dict(v) for k, v in state[name].items()})
-        setattr(plugin, name, restored)
+    restored = {name: defaultdict(dict, {int(k): _to_param_data_dict(v) for k, v in state[name].items()})
+                for name in ("saved_params", "importances")}  # both read before either is set
+    for name, value in restored.items():
+        setattr(plugin, name, value)
 
 
 def _lwf(strategy):
@@ -100,13 +100,12 @@ def _save_lwf(strategy) -> dict:
 def _load_lwf(strategy, state: dict) -> None:
     import copy
     lwf = _lwf(strategy)
-    if state["prev_model"] is None:
-        lwf.prev_model = None
-    else:
-        lwf.prev_model = copy.deepcopy(strategy.model)
-        lwf.prev_model.load_state_dict(state["prev_model"])
-    lwf.expcount = state["expcount"]
-    lwf.prev_classes_by_task = defaultdict(set, {int(t): set(cs) for t, cs in state["prev_classes_by_task"].items()})
+    prev_model = None
+    if state["prev_model"] is not None:
+        prev_model = copy.deepcopy(strategy.model)
+        prev_model.load_state_dict(state["prev_model"])
+    classes = defaultdict(set, {int(t): set(cs) for t, cs in state["prev_classes_by_task"].items()})
+    lwf.prev_model, lwf.expcount, lwf.prev_classes_by_task = prev_model, state["expcount"], classes
 
 
 def _si_plugin(strategy):
@@ -239,6 +238,25 @@ def _metrics(strategy) -> list:
     return list(getattr(evaluator, "metrics", []) or [])
 
 
+SETTING_NAMES = ("value_rule", "smoothing", "distance_temperature", "moment_weight", "prior_strength")
+
+
+def _settings(strategy) -> dict:
+    """The hyperparameters the saved state depends on beyond its shapes: the bottleneck's top-k lookup,
+    the decoder, the loss's label smoothing and the count or moment values' rule."""
+    model = strategy.model
+    bottleneck, decoder = getattr(model, "bottleneck", None), getattr(model, "decoder", None)
+    criterion = getattr(strategy, "_criterion", None)
+    settings = {name: getattr(strategy, name) for name in SETTING_NAMES if hasattr(strategy, name)}
+    if bottleneck is not None:
+        settings.update(top_k=int(bottleneck.top_k), top_k_reduction=str(bottleneck.top_k_reduction))
+    if decoder is not None:
+        settings["decoder"] = type(decoder).__name__
+    if isinstance(getattr(criterion, "label_smoothing", None), float):
+        settings["label_smoothing"] = criterion.label_smoothing
+    return settings
+
+
 def _fingerprint(strategy) -> dict:
     """What must match between the saving and the loading strategy."""
     return {"strategy": type(strategy).__name__,
@@ -246,7 +264,19 @@ def _fingerprint(strategy) -> dict:
                if isinstance(getattr(strategy, k, None), int)},
             "model": type(strategy.model).__name__,
             "parameters": {k: list(v.shape) for k, v in strategy.model.state_dict().items()},
-            "metrics": [type(m).__name__ for m in _metrics(strategy)]}
+            "metrics": [type(m).__name__ for m in _metrics(strategy)],
+            "settings": _settings(strategy)}
+
+
+def _check_optimizer_state(optimizer, saved: dict | None) -> None:
+    """ValueError unless ``saved`` (an optimizer ``state_dict``) has ``optimizer``'s parameter groups."""
+    if optimizer is None or saved is None:
+        return
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    if sizes != saved_sizes:
+        raise ValueError(f"the optimizer has parameter groups of {sizes} parameters, the checkpoint's "
+                         f"{saved_sizes}")
 
 
 # -- the API ---------------------------------------------------------------------------------------
@@ -286,8 +316,8 @@ def save_training_state(path: str | os.PathLike, strategy, extra: dict | None = 
 def load_training_state(path: str | os.PathLike, strategy) -> dict:
     """Restore into ``strategy`` (built exactly as the saved one, not yet trained) the state that
     :func:`save_training_state` wrote to ``path``, set the RNG states, and return its ``extra``.
-    A damaged file or one saved from other settings raises :class:`CheckpointError` naming the
-    file, before anything is changed."""
+    A damaged file or one saved from other settings (shapes, sizes, top-k, decoder, label smoothing,
+    value rule) raises :class:`CheckpointError` naming the file, before anything is changed."""
     refusal = checkpoint_refusal(strategy)
     if refusal is not None:
         raise CheckpointError(refusal + ".")
@@ -300,19 +330,23 @@ def load_training_state(path: str | os.PathLike, strategy) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a training-state checkpoint of format {FORMAT}.")
     expected, found = _fingerprint(strategy), state["fingerprint"]
+    if "settings" not in found:  # saved before settings were recorded: compare what it holds
+        expected.pop("settings")
     if found != expected:
         diffs = [f"{k}: saved {found.get(k)!r}, now {expected.get(k)!r}" for k in expected if found.get(k) != expected.get(k)]
         diffs = [d if len(d) < 160 else d[:157] + "..." for d in diffs]
         raise CheckpointError(f"{path}: saved with other settings ({'; '.join(diffs)}).")
     _, load = _strategy_handlers()[type(strategy)]
-    try:
-        strategy.model.load_state_dict(state["model"])
+    try:  # what can refuse the checkpoint runs first: the optimizer's groups, the strategy's own state
         optimizer = getattr(strategy, "optimizer", None)
         if state["optimizer_bound"] and getattr(strategy, "optimized_param_id", None) is None:
             strategy.make_optimizer(reset_optimizer_state=True)  # as Avalanche's first experience does
+        if optimizer is not None:
+            _check_optimizer_state(strategy.optimizer, state["optimizer"])
+        load(strategy, state["strategy"])  # each handler checks its state before it assigns any of it
+        strategy.model.load_state_dict(state["model"])
         if optimizer is not None and state["optimizer"] is not None:
             strategy.optimizer.load_state_dict(state["optimizer"])
-        load(strategy, state["strategy"])
         for k, v in state["clock"].items():
             setattr(strategy.clock, k, v)
         for metric, metric_state in zip(_metrics(strategy), state["metrics"]):

@@ -144,3 +144,43 @@ def test_kill_9_mid_stream_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     for name in ("results.csv", "accuracy_matrix.csv"):
         pd.testing.assert_frame_equal(read(out, name), read(reference, name), check_exact=True)
     assert (out / "decision_regions_dkvb_seed0.png").exists()
+
+
+def test_checkpoint_of_other_settings_is_refused_before_anything_changes(toy_stream, make_model, init_data,
+                                                                         tmp_path):
+    """Same shapes, other top-k, label smoothing or value rule: refused. A checkpoint written before the
+    settings were recorded still loads, and one its strategy's own state refuses leaves the model as it was."""
+    from avalanche_dkvb import CountValues
+
+    torch.manual_seed(0)
+    strategy = _dkvb(make_model, init_data)
+    strategy.train(toy_stream.train_stream[0])
+    save_training_state(tmp_path / "dkvb.pt", strategy)
+    for model, options, setting in ((make_model(top_k=2), {}, "top_k"), (make_model(), {"label_smoothing": 0.0},
+                                                                          "label_smoothing")):
+        other = DKVB(model=model, train_mb_size=16, train_epochs=3, eval_mb_size=256, evaluator=_evaluator(True),
+                     init_data=init_data, key_init_kwargs={"epochs": 2}, **options)
+        with pytest.raises(CheckpointError, match=f"saved with other settings .*{setting}"):
+            load_training_state(tmp_path / "dkvb.pt", other)
+
+    def counting(**options):
+        return CountValues(model=make_model(), init_data=init_data, key_init_kwargs={"epochs": 2},
+                           evaluator=_evaluator(True), **options)
+
+    weighted = counting(distance_temperature=0.05)
+    weighted.train(toy_stream.train_stream[0])
+    save_training_state(tmp_path / "counts.pt", weighted)
+    with pytest.raises(CheckpointError, match="saved with other settings .*distance_temperature"):
+        load_training_state(tmp_path / "counts.pt", counting())
+    with pytest.raises(CheckpointError, match="saved with other settings .*value_rule"):
+        load_training_state(tmp_path / "counts.pt", counting(distance_temperature=0.05, value_rule="counts"))
+
+    state = torch.load(tmp_path / "counts.pt", weights_only=True)
+    del state["fingerprint"]["settings"]  # as written before settings were recorded
+    torch.save(state, tmp_path / "old.pt")
+    load_training_state(tmp_path / "old.pt", counting(distance_temperature=0.05))  # loads
+    uniform = counting()
+    before = {k: v.clone() for k, v in uniform.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not match this strategy .*distance_temperature"):
+        load_training_state(tmp_path / "old.pt", uniform)
+    assert all(torch.equal(before[k], v) for k, v in uniform.model.state_dict().items())
