@@ -19,8 +19,8 @@ The file holds the model's ``state_dict`` (a DKVB model's values, keys, usage co
 ``keys_frozen`` flag are among its buffers and parameters), the optimizer's state, the strategy's
 between-experience state (EWC's saved parameters and importances, LwF's previous model, SI's
 trajectories and anchors, CountValues' class counts), Avalanche's ``clock`` counters, the RNG
-states (torch CPU, numpy, python ``random``), the history of the headline metrics of
-:mod:`avalanche_dkvb.metrics` found in the evaluator (``AccuracyMatrix.rows``,
+states (torch CPU and, where in use, CUDA; numpy; python ``random``), the history of the headline
+metrics of :mod:`avalanche_dkvb.metrics` found in the evaluator (``AccuracyMatrix.rows``,
 ``ClassBalancedAccuracy.history``, ``SeenClassesAccuracy.history`` and ``.seen_classes``, every
 ``BottleneckDiagnostic.history``), and the caller's ``extra`` dict. It is written with ``torch.save``
 through :func:`avalanche_dkvb.atomic_files.atomic_write` (a killed process leaves the previous
@@ -218,6 +218,8 @@ def _rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, mt, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
+            # the fast path shuffles with the generator of the data's device
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
@@ -226,6 +228,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda"):  # absent from older checkpoints; empty where CUDA was not in use
+        torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

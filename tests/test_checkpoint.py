@@ -184,3 +184,18 @@ def test_checkpoint_of_other_settings_is_refused_before_anything_changes(toy_str
     with pytest.raises(CheckpointError, match="does not match this strategy .*distance_temperature"):
         load_training_state(tmp_path / "old.pt", uniform)
     assert all(torch.equal(before[k], v) for k, v in uniform.model.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rng_state_is_restored(toy_stream, make_model, init_data, tmp_path):
+    """The fast path shuffles on the data's device: a resumed CUDA run draws what the saved one would."""
+    torch.manual_seed(0)
+    strategy = _dkvb(make_model, init_data)
+    strategy.train(toy_stream.train_stream[0])
+    torch.zeros(1, device="cuda")  # CUDA in use, as on a CUDA run
+    torch.cuda.manual_seed_all(5)
+    save_training_state(tmp_path / "state.pt", strategy)
+    expected = torch.randperm(100, device="cuda")
+    torch.cuda.manual_seed_all(6)
+    load_training_state(tmp_path / "state.pt", _dkvb(make_model, init_data))
+    assert torch.equal(torch.randperm(100, device="cuda"), expected)
