@@ -62,10 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     engine.add_arguments(parser)
     args = parser.parse_args(argv)
     available = toy2d.METHODS if args.benchmark == "toy2d" else methods.METHODS
+    if args.methods == []:  # "--methods ," names none, which is not "all"
+        parser.error("--methods names no method; leave it out to run all")
     args.methods = args.methods or list(available)
     unknown = sorted(set(args.methods) - set(available))
     if unknown:
         parser.error(f"unknown method(s) {unknown} for {args.benchmark}; expected some of {sorted(available)}")
+    repeated = sorted({m for m in args.methods if args.methods.count(m) > 1})
+    if repeated:
+        parser.error(f"--methods names {repeated} more than once")
     args.out = args.out or Path("results") / args.benchmark
     parser.check(lambda: check_positive_int("--threads", args.threads), lambda: engine.check_arguments(args),
                  lambda: check_device(args))
@@ -158,6 +163,19 @@ class Job:
             for cell in self.todo:
                 checkpoint_path(cell.out, cell.method, cell.seed).unlink(missing_ok=True)
 
+    def refresh_outputs(self) -> None:
+        """The summaries and plots of the runs already in the results, and no checkpoint of a finished
+        cell: a run stopped between a cell's results.csv and those left them one cell behind."""
+        if not self.writer.rows:
+            return
+        self.writer.write_summaries()
+        for cell in self.cells:
+            if self.writer.done(*cell.key):
+                checkpoint_path(cell.out, cell.method, cell.seed).unlink(missing_ok=True)
+        if self.args.benchmark != "toy2d":
+            plot_accuracy_curves(self.writer, self.args.out / "accuracy_curves.png")
+            plot_final_matrices(self.writer, self.args.out / "final_accuracy_matrices.png")
+
     def commit(self, cell: Cell, result: RunResult) -> None:
         """Store a finished cell (replacing any earlier result of it) and draw its plots."""
         out = self.args.out
@@ -176,12 +194,14 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:
-    """Run the unfinished cells of every job on ``args``' engine, each distinct set of embeddings
-    loaded once before the fan-out, and commit each finished cell to its job; the failed cells. A stop
+    """Run the unfinished cells of every job on ``args``' engine (after refreshing the outputs of the
+    cells already done), each distinct set of embeddings loaded once before the fan-out, and commit each
+    finished cell to its job; the failed cells. A stop
     signal of ``stops`` that did not surface as KeyboardInterrupt stops it at the next step."""
     stop_requested = (lambda: False) if stops is None else (lambda: stops.requested)
     shared, cells = {}, []
     for job in jobs:
+        job.refresh_outputs()
         skipped = len(job.cells) - len(job.todo)
         if skipped:
             print(f"[{job.args.benchmark}] {skipped} of {len(job.cells)} cells already in {job.args.out}, skipped",

@@ -28,9 +28,12 @@ class ResultsWriter:
 
     ``context``: settings columns written on every row, except that a column named in ``applies_to``
     is written only on the rows of the methods listed there (e.g. ``{"ewc_lambda": {"ewc"}}``), and left
-    empty on the others. With ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done`
-    reports them), after checking that their files are sound (:func:`load_results`) and that they
-    were made with the same ``context`` settings; ValueError otherwise, naming the file.
+    empty on the others; ``unset``: the settings this run leaves at their defaults (no column). With
+    ``resume``, the runs already in ``out_dir`` are loaded (and :meth:`done` reports them), after
+    checking that their files are sound (:func:`load_results`), that they were made with the same
+    ``context`` settings, that the ``unset`` ones were unset there too, and that the file has no
+    settings column this run does not know (another benchmark's); ValueError otherwise, naming the file.
+    Loading only reads (it may run before the folder is locked).
 
     A run added again replaces its rows (never two rows of one run); ``order`` lists the
     (benchmark, method, seed) runs in the order the tables keep them, whatever order they finish in
@@ -38,10 +41,12 @@ class ResultsWriter:
     """
 
     def __init__(self, out_dir: Path, context: dict | None = None, resume: bool = False,
-                 applies_to: dict[str, set[str]] | None = None, order: list[tuple[str, str, int]] | None = None):
+                 applies_to: dict[str, set[str]] | None = None, order: list[tuple[str, str, int]] | None = None,
+                 unset: set[str] = frozenset()):
         self.out_dir = Path(out_dir)
         self.context = dict(context or {})  # extra columns, e.g. encoder and benchmark settings
         self.applies_to = dict(applies_to or {})
+        self.unset = set(unset) - self.context.keys()
         self.order = {key: i for i, key in enumerate(order or [])}
         self.rows: list[dict] = []
         self.matrix_rows: list[dict] = []
@@ -54,7 +59,12 @@ class ResultsWriter:
     def _load_finished_runs(self) -> None:
         results, matrices = load_results(self.out_dir)
         path = self.out_dir / "results.csv"
-        for column in self.context.keys() | self.applies_to.keys():
+        known = set(RESULT_COLUMNS) | self.context.keys() | self.applies_to.keys() | self.unset
+        unknown = [column for column in results.columns if column not in known]
+        if unknown:
+            raise ValueError(f"Cannot resume: {path} has the settings columns {unknown}, which this run does "
+                             f"not have (another benchmark's results?). Use another --out.")
+        for column in self.context.keys() | self.applies_to.keys() | self.unset:
             value = self.context.get(column)
             applies = results.method.map(lambda method: self._applies(column, method))
             cells = results.loc[applies, column] if column in results else pd.Series(["<missing>"] * int(applies.sum()))
@@ -96,6 +106,10 @@ class ResultsWriter:
         atomic_write_text(self.out_dir / "accuracy_matrix.csv",
                           pd.DataFrame(self.matrix_rows).to_csv(index=False))
         atomic_write_text(self.out_dir / "results.csv", self.results.to_csv(index=False))
+        self.write_summaries()
+
+    def write_summaries(self) -> None:
+        """summary.csv and summary.md from the rows, each atomically."""
         summary = summarise(self.results)
         atomic_write_text(self.out_dir / "summary.csv", summary.to_csv(index=False))
         atomic_write_text(self.out_dir / "summary.md", to_markdown(summary))

@@ -125,10 +125,12 @@ def check_settings(settings: dict) -> None:
 
 def open_results(args, settings: dict) -> ResultsWriter:
     """The ResultsWriter of ``args.out``: the settings other than the seeds as columns (those left at
-    None omitted), each strength only on its method's rows; with ``args.resume``, the finished runs
-    there, checked to have the same settings (ValueError otherwise)."""
+    None omitted, and checked on resume to be unset there too), each strength only on its method's
+    rows; with ``args.resume``, the finished runs there, checked to have the same settings (ValueError
+    otherwise)."""
     context = {k: v for k, v in settings.items() if v is not None and k != "seeds"}
-    return ResultsWriter(args.out, context=context, resume=args.resume,
+    unset = {k for k, v in settings.items() if v is None and k != "seeds"}
+    return ResultsWriter(args.out, context=context, resume=args.resume, unset=unset,
                          applies_to={"baseline_epochs": SGD_BASELINES,
                                      **{name: {method} for name, method in STRENGTHS.items()}})
 

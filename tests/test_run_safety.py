@@ -45,6 +45,8 @@ def _one_error_line(capsys) -> str:
     (REAL + ["--experiences", "3"], "--experiences must divide the number of classes of cifar10_jpeg (10): "
                                     "one of [1, 2, 5, 10], got 3."),
     (REAL + ["--seeds", ""], "--seeds must be a non-empty list of non-negative integers, got []."),
+    (REAL + ["--methods", ","], "--methods names no method; leave it out to run all"),
+    (REAL + ["--methods", "ncm,ncm"], "--methods names ['ncm'] more than once"),
     (REAL + ["--seeds", "-1"], "--seeds must be a non-empty list of non-negative integers, got [-1]."),
     (REAL + ["--seeds", "0,0"], "--seeds must not repeat a seed, got [0, 0] (repeated: [0])."),
     (REAL + ["--threads", "0"], "--threads must be a positive integer, got 0."),
@@ -388,3 +390,42 @@ def test_wait_until_fails_naming_the_process_that_ended(wait_until):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with pytest.raises(pytest.fail.Exception, match=r"the thing did not happen \(exit code 1; stderr: broke early"):
         wait_until(lambda: False, process, "the thing")
+
+
+def test_a_resume_refuses_a_folder_made_with_a_setting_this_run_leaves_unset(tmp_path, capsys):
+    """--image-size 32 then no --image-size (224 px) must not mix: the unset setting is checked too, and a
+    toy2d run refuses a real benchmark's folder (its settings columns are not toy2d's)."""
+    out = tmp_path / "out"
+    writer = ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": 3, "image_size": 32})
+    writer.add("split_cifar10_jpeg", "ncm", 0, RunResult(np.eye(2), np.ones(2), np.ones(2), forgetting=0.0,
+                                                          bwt=0.0, train_seconds=1.0))
+    (out / "run.json").write_text(json.dumps({"command": "the first run", "status": "finished"}))
+    before = _snapshot(out)
+    assert main(REAL + ["--epochs", "3", "--resume", "--out", str(out), "--data-root", str(tmp_path / "no-data")]) == 2
+    assert "Cannot resume" in _one_error_line(capsys)  # the quick protocol's settings differ too; image_size:
+    with pytest.raises(ValueError, match=r"image_size=\['32'\], this run has image_size=None"):
+        ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": 3}, unset={"image_size"},
+                      resume=True)
+    assert main(["--methods", "linear", "--seeds", "0", "--resume", "--out", str(out)]) == 2
+    assert "settings columns ['encoder', 'epochs', 'image_size'], which this run does not have" in \
+        _one_error_line(capsys)
+    assert _snapshot(out) == before
+    assert ResultsWriter(out, context={"encoder": "tf_efficientnet_lite0", "epochs": 3, "image_size": 32},
+                         unset={"train_per_class"}, resume=True).done("split_cifar10_jpeg", "ncm", 0)
+
+
+def test_a_resume_rewrites_the_summaries_a_stopped_commit_left_behind(tmp_path, capsys):
+    """Stopped between a cell's results.csv and its summaries: the resume, with nothing left to run,
+    rewrites them from results.csv and drops the finished cell's checkpoint."""
+    out = tmp_path / "out"
+    writer = ResultsWriter(out)
+    writer.add("toy2d", "linear", 0, RunResult(np.eye(2), np.ones(2), np.ones(2), forgetting=0.0, bwt=0.0,
+                                               train_seconds=1.0))
+    (out / "summary.md").write_text("stale\n")
+    (out / "summary.csv").unlink()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "linear_seed0.pt").write_bytes(b"old")
+    assert main(["--methods", "linear", "--seeds", "0", "--resume", "--out", str(out)]) == 0
+    assert "| toy2d | linear | 1 | 100.0" in (out / "summary.md").read_text()
+    assert (out / "summary.csv").exists() and not (out / "checkpoints" / "linear_seed0.pt").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
