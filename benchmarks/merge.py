@@ -30,7 +30,7 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
     missing = [str(d) for d in run_dirs if not (d / "results.csv").exists()]
     if missing:
         raise FileNotFoundError(f"No results.csv in {missing}; expected folders written by python -m benchmarks.")
-    runs = [ResultsWriter(d, resume=True) for d in run_dirs]  # loads each folder's results and matrices
+    runs = [ResultsWriter.read(d) for d in run_dirs]  # each folder's results and matrices
     _check_same_settings(run_dirs, runs)
     infos = [_run_info(d) for d in run_dirs]  # read before writing: out may be one of run_dirs
     rows, matrix_rows = _combine(runs, replace)

@@ -53,6 +53,15 @@ class ResultsWriter:
         if resume and (self.out_dir / "results.csv").exists():
             self._load_finished_runs()
 
+    @classmethod
+    def read(cls, out_dir: Path) -> "ResultsWriter":
+        """The runs in ``out_dir`` as they are, whatever their settings columns (checked sound by
+        :func:`load_results`), e.g. to merge them."""
+        results, matrices = load_results(Path(out_dir))
+        writer = cls(out_dir, context={column: None for column in results.columns if column not in RESULT_COLUMNS})
+        writer.rows, writer.matrix_rows = results.to_dict("records"), matrices.to_dict("records")
+        return writer
+
     def _applies(self, column: str, method: str) -> bool:
         return column not in self.applies_to or method in self.applies_to[column]
 
