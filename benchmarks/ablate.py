@@ -30,7 +30,8 @@ import torch
 from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_dkvb import DKVB, CountValues, MomentValues, create_dkvb_model, init_keys
-from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
+from avalanche_dkvb.data import DEFAULT_EXPERIENCES, NUM_CLASSES, make_class_incremental_benchmark
+from avalanche_dkvb.validation import check_divides, check_positive_int, check_seeds
 from benchmarks import paths
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_savefig, atomic_write_text
@@ -188,9 +189,18 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.ablate", description
         check_weights(args.weights)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("epochs", "key_init_epochs", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    image_set = BENCHMARKS[args.benchmark].image_set
+    if args.experiences is None:
+        args.experiences = DEFAULT_EXPERIENCES[image_set]
+    optional = [name for name in ("image_size", "train_per_class", "key_init_per_class")
+                if getattr(args, name) is not None]
+    try:  # before any embeddings are read
+        for name in ("epochs", "key_init_epochs", "threads", "experiences", *optional):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+        check_divides("--experiences", args.experiences, NUM_CLASSES[image_set], f"the number of classes of {image_set}")
+        check_seeds("--seeds", args.seeds)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     return args
 
 
@@ -310,11 +320,12 @@ def plot(summary: pd.DataFrame, results: pd.DataFrame, path: Path) -> None:
 
 
 def write_outputs(out: Path, results: pd.DataFrame, context: dict) -> None:
+    """Each file atomically; settings.json before results.csv, so rows never exist without their settings."""
+    atomic_write_text(out / "settings.json", json.dumps(context, indent=2))
     atomic_write_text(out / "results.csv", results.to_csv(index=False))
     summary = summarise(results)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(out / "summary.md", to_markdown(summary))
-    atomic_write_text(out / "settings.json", json.dumps(context, indent=2))
     plot(summary, results, out / "ablation.png")
 
 
@@ -322,6 +333,9 @@ def load_finished(out: Path, context: dict) -> pd.DataFrame:
     """Rows already in ``out`` (empty if none); ValueError if they were made with other run settings."""
     if not (out / "results.csv").exists():
         return pd.DataFrame()
+    if not (out / "settings.json").exists():  # only from a run before settings.json was written first
+        raise ValueError(f"{out} holds results.csv without the settings.json that says how it was made; "
+                         "use another --out, or restore settings.json.")
     previous = json.loads((out / "settings.json").read_text())
     if previous != context:
         raise ValueError(f"{out} holds an ablation with other settings ({previous}); expected {context}. "
@@ -355,7 +369,7 @@ def main(argv=None) -> int:
     # "weights" only when not the default, so folders written before ablate had --weights still resume
     context = {"benchmark": args.benchmark, "encoder": args.encoder, "image_size": args.image_size,
                "train_per_class": args.train_per_class, "key_init_per_class": args.key_init_per_class,
-               "experiences": args.experiences or DEFAULT_EXPERIENCES[spec.image_set], "epochs": args.epochs,
+               "experiences": args.experiences, "epochs": args.epochs,
                "key_init_epochs": args.key_init_epochs, "key_init_set": spec.key_init_set,
                **({} if args.weights == "default" else {"weights": args.weights})}
     command = " ".join(["python -m benchmarks.ablate", *(sys.argv[1:] if argv is None else argv)])

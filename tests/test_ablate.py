@@ -69,6 +69,33 @@ def test_unknown_setting_is_refused(tmp_path):
         ablate.parse_args(["--settings", "sgd,bogus", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--experiences", "0"], "--experiences must be a positive integer, got 0"),  # was taken as the default 5
+    (["--experiences", "3"], "--experiences must divide the number of classes of cifar10_jpeg"),
+    (["--seeds", "-1"], "--seeds must be a non-empty list of non-negative integers"),
+    (["--key-init-per-class", "0"], "--key-init-per-class must be a positive integer, got 0"),
+    (["--image-size", "-8"], "--image-size must be a positive integer, got -8"),
+])
+def test_bad_flags_are_refused_before_any_embeddings_are_read(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(ablate, "load_embeddings", lambda *a: pytest.fail("embeddings read before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.main(["--settings", "counts", "--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_experiences_default_per_data_set_is_recorded(tmp_path):
+    assert ablate.parse_args(["--out", str(tmp_path)]).experiences == 5
+
+
+def test_results_without_their_settings_are_refused_by_name(tmp_path, fake_embeddings, small_grid):
+    """A run before settings.json was written first could leave results.csv alone: refused in one line."""
+    argv = ["--settings", "counts", "--out", str(tmp_path), "--epochs", "2", "--key-init-epochs", "1"]
+    assert ablate.main(argv) == 0
+    (tmp_path / "settings.json").unlink()
+    with pytest.raises(ValueError, match="results.csv without the settings.json"):
+        ablate.main(argv)
+
+
 def test_every_setting_name_can_be_selected(tmp_path):
     args = ablate.parse_args(["--settings", ",".join(ablate.GRID), "--out", str(tmp_path)])
     assert args.settings == list(ablate.GRID)
