@@ -25,7 +25,7 @@ import time
 import pandas as pd
 import torch
 
-from avalanche_dkvb.data import DEFAULT_EXPERIENCES, make_class_incremental_benchmark
+from avalanche_dkvb.data import make_class_incremental_benchmark
 from benchmarks import ablate
 from benchmarks.folder_lock import FolderLock
 from benchmarks.outputs import atomic_write_text
@@ -92,7 +92,7 @@ def _run(args, command: str) -> int:
     test_x, test_y = load_embeddings(args, spec.image_set, "test", None).tensors()
     other_x, _ = load_embeddings(args, spec.key_init_set, "train", args.key_init_per_class).tensors()
     num_classes = int(train_y.max()) + 1
-    experiences = args.experiences or DEFAULT_EXPERIENCES[spec.image_set]
+    experiences = args.experiences  # parse_args put in the data set's default
     path = args.out / "results.csv"
     results = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["row", "seed"])
     done = set(zip(results["row"], results["seed"]))
