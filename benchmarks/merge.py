@@ -45,11 +45,11 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
     atomic_write_text(out / "run.json", json.dumps({
         "command": " ; ".join(i["command"] for i in infos),
         "status": "finished" if all(i.get("status", "finished") == "finished" for i in infos) else "partial",
-        "wall_clock_seconds": max((i["wall_clock_seconds"] for i in infos if not math.isnan(i["wall_clock_seconds"])),
-                                  default=math.nan),
+        "wall_clock_seconds": max((seconds for seconds in (i.get("wall_clock_seconds", math.nan) for i in infos)
+                                   if not math.isnan(seconds)), default=math.nan),
         "torch_threads": max(threads_per_cell(i) or 0 for i in infos),
-        "torch": next((i["torch"] for i in infos if i["torch"]), None),
-        "finished": max(i["finished"] for i in infos),
+        "torch": next((i["torch"] for i in infos if i.get("torch")), None),
+        "finished": max(i.get("finished", "") for i in infos),  # a run.json needs only its command
         "merged_runs": sum(i.get("merged_runs", 1) for i in infos),
         **({"note": " ; ".join(notes)} if notes else {})}, indent=2))
     return writer

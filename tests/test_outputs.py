@@ -101,6 +101,11 @@ def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
     info = json.loads((tmp_path / "again" / "run.json").read_text())
     assert info["note"] == "reconstructed" and info["merged_runs"] == 3
 
+    (tmp_path / "a" / "run.json").write_text(json.dumps({"command": "x", "status": "finished"}))  # only a command
+    merge([tmp_path / "a", tmp_path / "b"], tmp_path / "bare")  # raised KeyError after writing the tables
+    info = json.loads((tmp_path / "bare" / "run.json").read_text())
+    assert info["command"].startswith("x ; ") and info["status"] == "partial"
+
 
 def test_merge_with_replace_takes_the_later_run_in_the_earlier_place(tmp_path):
     first = _run_dir(tmp_path / "a", [0, 1], {"epochs": 200})
