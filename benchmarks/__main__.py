@@ -173,8 +173,12 @@ class Job:
             if self.writer.done(*cell.key):
                 checkpoint_path(cell.out, cell.method, cell.seed).unlink(missing_ok=True)
         if self.args.benchmark != "toy2d":
-            plot_accuracy_curves(self.writer, self.args.out / "accuracy_curves.png")
-            plot_final_matrices(self.writer, self.args.out / "final_accuracy_matrices.png")
+            self._plot_tables()
+
+    def _plot_tables(self) -> None:
+        """The accuracy curves and final matrices of every run in the results."""
+        plot_accuracy_curves(self.writer, self.args.out / "accuracy_curves.png")
+        plot_final_matrices(self.writer, self.args.out / "final_accuracy_matrices.png")
 
     def commit(self, cell: Cell, result: RunResult) -> None:
         """Store a finished cell (replacing any earlier result of it) and draw its plots."""
@@ -189,8 +193,7 @@ class Job:
         if "diagnostics" in result.extra:
             plot_key_diagnostics(result.extra["diagnostics"], f"{cell.method} (seed {cell.seed})",
                                  out / f"key_diagnostics_{cell.method}_seed{cell.seed}.png")
-        plot_accuracy_curves(self.writer, out / "accuracy_curves.png")
-        plot_final_matrices(self.writer, out / "final_accuracy_matrices.png")
+        self._plot_tables()
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:
