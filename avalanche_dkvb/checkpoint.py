@@ -46,7 +46,8 @@ import torch
 
 from avalanche_dkvb.atomic_files import atomic_write
 
-__all__ = ["CheckpointError", "FORMAT", "checkpoint_refusal", "load_training_state", "save_training_state"]
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_refusal", "load_training_state", "read_extra",
+           "save_training_state"]
 
 FORMAT = "avalanche_dkvb.training_state/1"
 
@@ -317,6 +318,27 @@ def save_training_state(path: str | os.PathLike, strategy, extra: dict | None = 
                                   "numbers).") from None
 
 
+def _read(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """The state :func:`save_training_state` wrote to ``path`` (memory-mapped with ``mmap``: cheap to
+    look into); CheckpointError naming the file if it is missing, damaged or of another format."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint.") from None
+    except Exception as error:
+        raise CheckpointError(f"{path}: damaged or not a training-state checkpoint ({_one_line(error)}).") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a training-state checkpoint of format {FORMAT}.")
+    return state
+
+
+def read_extra(path: str | os.PathLike) -> dict:
+    """The ``extra`` dict saved in the checkpoint at ``path``, read without restoring anything (the
+    file is memory-mapped, so this is cheap even for a large checkpoint); CheckpointError naming the
+    file if it is missing, damaged or of another format."""
+    return _read(path, mmap=True)["extra"]
+
+
 def load_training_state(path: str | os.PathLike, strategy) -> dict:
     """Restore into ``strategy`` (built exactly as the saved one, not yet trained) the state that
     :func:`save_training_state` wrote to ``path``, set the RNG states, and return its ``extra``.
@@ -325,14 +347,7 @@ def load_training_state(path: str | os.PathLike, strategy) -> dict:
     refusal = checkpoint_refusal(strategy)
     if refusal is not None:
         raise CheckpointError(refusal + ".")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint.") from None
-    except Exception as error:
-        raise CheckpointError(f"{path}: damaged or not a training-state checkpoint ({_one_line(error)}).") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a training-state checkpoint of format {FORMAT}.")
+    state = _read(path)
     expected, found = _fingerprint(strategy), state["fingerprint"]
     if "settings" not in found:  # saved before settings were recorded: compare what it holds
         expected.pop("settings")

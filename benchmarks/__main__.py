@@ -34,7 +34,7 @@ from benchmarks.engine import Failure
 from benchmarks.folder_lock import FolderBusy, FolderLock
 from benchmarks.outputs import ResultsWriter, read_run_info
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices, plot_key_diagnostics
-from benchmarks.runner import CachedArray, Cell, RunResult, checkpoint_path, run_cell
+from benchmarks.runner import CachedArray, Cell, RunResult, check_checkpoint_settings, checkpoint_path, run_cell
 
 PROG = "python -m benchmarks"
 DEVICES = ("cpu", "cuda", "auto")
@@ -156,6 +156,16 @@ class Job:
                 "test_x": np.asarray(entries["test"].embeddings), "test_y": entries["test"].labels,
                 "init_x": np.asarray(entries["init"].embeddings)}
 
+    def check_checkpoints(self) -> None:
+        """With ``--resume``, ValueError naming the file if a checkpoint of a cell to run was saved
+        with other settings than the cell's (before any data is loaded; the cell checks the rest)."""
+        if not self.args.resume:
+            return
+        for cell in self.todo:
+            path = checkpoint_path(cell.out, cell.method, cell.seed)
+            if path.exists():
+                check_checkpoint_settings(path, cell)
+
     def clear_stale_checkpoints(self) -> None:
         """Without ``--resume``, the checkpoints an earlier run left for the cells to run are dropped
         (a cell continues only its own attempts' checkpoints: a retry after its worker died)."""
@@ -197,27 +207,31 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stops: StopSignals | None = None) -> list[Failure]:
-    """Run the unfinished cells of every job on ``args``' engine (after refreshing the outputs of the
-    cells already done), each distinct set of embeddings loaded once before the fan-out, and commit each
-    finished cell to its job; the failed cells. A stop
-    signal of ``stops`` that did not surface as KeyboardInterrupt stops it at the next step."""
+    """Run the unfinished cells of every job on ``args``' engine (started, and checked able to run a
+    cell, first; then the outputs of the cells already done refreshed and, with ``--resume``, the
+    checkpoints checked against the cells' settings), each distinct set of embeddings loaded once
+    before the fan-out, and commit each finished cell to its job; the failed cells. A stop signal of
+    ``stops`` that did not surface as KeyboardInterrupt stops it at the next step."""
     stop_requested = (lambda: False) if stops is None else (lambda: stops.requested)
-    shared, cells = {}, []
-    for job in jobs:
-        job.refresh_outputs()
-        skipped = len(job.cells) - len(job.todo)
-        if skipped:
-            print(f"[{job.args.benchmark}] {skipped} of {len(job.cells)} cells already in {job.args.out}, skipped",
-                  flush=True)
-        if job.todo and job.data_key not in shared:
-            shared[job.data_key] = job.load_data()
-            if stop_requested():
-                raise KeyboardInterrupt
-        job.clear_stale_checkpoints()
-        cells += [(cell, job.data_key) for cell in job.todo]
-    by_out = {job.args.out: job for job in jobs}
-    return engine.run_cells(run_cell, cells, shared, lambda cell, result: by_out[cell.out].commit(cell, result), args,
-                            stop_requested=stop_requested)
+    with engine.started(args) as run_cells:
+        shared, cells = {}, []
+        for job in jobs:
+            job.refresh_outputs()
+            job.check_checkpoints()
+        for job in jobs:
+            skipped = len(job.cells) - len(job.todo)
+            if skipped:
+                print(f"[{job.args.benchmark}] {skipped} of {len(job.cells)} cells already in {job.args.out}, "
+                      f"skipped", flush=True)
+            if job.todo and job.data_key not in shared:
+                shared[job.data_key] = job.load_data()
+                if stop_requested():
+                    raise KeyboardInterrupt
+            job.clear_stale_checkpoints()
+            cells += [(cell, job.data_key) for cell in job.todo]
+        by_out = {job.args.out: job for job in jobs}
+        return run_cells(run_cell, cells, shared, lambda cell, result: by_out[cell.out].commit(cell, result),
+                         stop_requested=stop_requested)
 
 
 def engine_info(args: argparse.Namespace) -> dict:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -116,23 +117,50 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def run_cells(work: Callable[[Any, Any], Any], cells: Sequence[tuple[Any, Hashable]], shared: dict[Hashable, Any],
-              commit: Callable[[Any, Any], None], args: argparse.Namespace,
-              stop_requested: Callable[[], bool] = lambda: False) -> list[Failure]:
-    """Run ``work(cell, shared[data_key])`` for each ``(cell, data_key)`` of ``cells`` on ``args.engine``,
-    calling ``commit(cell, result)`` in this process for each cell that finishes (in the order they
-    finish); return the failures. ``work`` must be importable by name (or picklable) for Ray. Once
+@contextlib.contextmanager
+def started(args: argparse.Namespace) -> Iterator[Callable[..., list[Failure]]]:
+    """The engine of ``args``, ready to run cells, before the caller loads any data: with Ray, the
+    instance started (or the cluster at ``--ray-address`` joined) and checked able to run one cell
+    (ValueError otherwise), shut down after the block if started here. Yields
+    ``run_cells(work, cells, shared, commit, stop_requested=lambda: False)``, which runs
+    ``work(cell, shared[data_key])`` for each ``(cell, data_key)`` of ``cells``, calls
+    ``commit(cell, result)`` in this process for each cell that finishes (in the order they finish)
+    and returns the failures. ``work`` must be importable by name (or picklable) for Ray. Once
     ``stop_requested()`` (a stop signal arrived), the job stops with KeyboardInterrupt after the cell
     that finishes or fails next, and that failure is not recorded: it is the KeyboardInterrupt of the
     signal, swallowed or turned into another error by the code it landed in."""
-    progress = Progress(len(cells))
     if args.engine == "local":
-        return _run_local(work, cells, shared, commit, progress, stop_requested)
-    return _run_ray(work, cells, shared, commit, progress, args, stop_requested)
+        yield _run_local
+        return
+    import ray  # only here: the local engine never imports Ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        with _signal_handlers_kept():
+            ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False,
+                     logging_level="WARNING", configure_logging=True)
+    try:
+        slots = _slots(ray.cluster_resources(), args)
+        yield functools.partial(_run_ray, args=args, slots=slots)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
-def _run_local(work, cells, shared, commit, progress: Progress, stop_requested) -> list[Failure]:
-    failures = []
+def _slots(resources: dict, args: argparse.Namespace) -> int:
+    """How many cells the Ray cluster with ``resources`` runs at once (ValueError if none)."""
+    slots = math.floor(resources.get("CPU", 0) / args.cpus_per_cell + 1e-9)
+    if args.gpus_per_cell > 0:
+        slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_cell + 1e-9))
+    if slots < 1:
+        raise ValueError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
+                         f"GPUs, less than one cell's --cpus-per-cell {args.cpus_per_cell:g} --gpus-per-cell "
+                         f"{args.gpus_per_cell:g}; no cell could ever start.")
+    return slots
+
+
+def _run_local(work, cells, shared, commit, stop_requested=lambda: False) -> list[Failure]:
+    progress, failures = Progress(len(cells)), []
     for index, (cell, data_key) in enumerate(cells):
         running = int(index + 1 < len(cells))  # the next cell, started right after this line
         try:
@@ -175,57 +203,42 @@ def _signal_handlers_kept():
                 signal.signal(signum, handler)
 
 
-def _run_ray(work, cells, shared, commit, progress: Progress, args, stop_requested) -> list[Failure]:
-    import ray  # only here: the local engine never imports Ray
+def _run_ray(work, cells, shared, commit, stop_requested=lambda: False, *, args: argparse.Namespace,
+             slots: int) -> list[Failure]:
+    import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        with _signal_handlers_kept():
-            ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False,
-                     logging_level="WARNING", configure_logging=True)
+    progress = Progress(len(cells))
+    task = ray.remote(_ray_task).options(num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell,
+                                         max_retries=RETRIES, retry_exceptions=False)
+    refs = {key: ray.put(value) for key, value in shared.items()}  # once, before the fan-out
+    threads = cell_threads(args.cpus_per_cell)
+    pending = {task.remote(work, cell, refs[data_key], threads): cell for cell, data_key in cells}
+    failures = []
     try:
-        resources = ray.cluster_resources()
-        slots = math.floor(resources.get("CPU", 0) / args.cpus_per_cell + 1e-9)  # cells at once
-        if args.gpus_per_cell > 0:
-            slots = min(slots, math.floor(resources.get("GPU", 0) / args.gpus_per_cell + 1e-9))
-        if slots < 1:
-            raise ValueError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
-                             f"GPUs, less than one cell's --cpus-per-cell {args.cpus_per_cell:g} --gpus-per-cell "
-                             f"{args.gpus_per_cell:g}; no cell could ever start.")
-        task = ray.remote(_ray_task).options(num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell,
-                                             max_retries=RETRIES, retry_exceptions=False)
-        refs = {key: ray.put(value) for key, value in shared.items()}  # once, before the fan-out
-        threads = cell_threads(args.cpus_per_cell)
-        pending = {task.remote(work, cell, refs[data_key], threads): cell for cell, data_key in cells}
-        failures = []
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except ray.exceptions.RayTaskError as error:  # the cell raised: its own exception
-                    cause = getattr(error, "cause", None)
-                    failures.append(Failure(cell, _error_text(cause) if isinstance(cause, BaseException)
-                                            else _error_text(error)))
-                except ray.exceptions.RayError as error:  # its worker died RETRIES + 1 times, or was cancelled
-                    failures.append(Failure(cell, _error_text(error)))
-                else:
-                    commit(cell, result)
-                    progress.finished += 1
-                    progress.report(min(len(pending), slots), f"{cell} finished")
-                    if stop_requested():
-                        raise KeyboardInterrupt
-                    continue
-                if stop_requested():  # not the cell's failure: the stop signal, where it landed
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as error:  # the cell raised: its own exception
+                cause = getattr(error, "cause", None)
+                failures.append(Failure(cell, _error_text(cause) if isinstance(cause, BaseException)
+                                        else _error_text(error)))
+            except ray.exceptions.RayError as error:  # its worker died RETRIES + 1 times, or was cancelled
+                failures.append(Failure(cell, _error_text(error)))
+            else:
+                commit(cell, result)
+                progress.finished += 1
+                progress.report(min(len(pending), slots), f"{cell} finished")
+                if stop_requested():
                     raise KeyboardInterrupt
-                progress.failed += 1
-                progress.report(min(len(pending), slots), f"{cell} failed: {failures[-1].error}")
-        except BaseException:  # Ctrl-C, SIGTERM or a failed commit: stop the cells still queued or running
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-        return failures
-    finally:
-        if started_here:
-            ray.shutdown()
+                continue
+            if stop_requested():  # not the cell's failure: the stop signal, where it landed
+                raise KeyboardInterrupt
+            progress.failed += 1
+            progress.report(min(len(pending), slots), f"{cell} failed: {failures[-1].error}")
+    except BaseException:  # Ctrl-C, SIGTERM or a failed commit: stop the cells still queued or running
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return failures

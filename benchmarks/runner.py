@@ -22,7 +22,8 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetti
 from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
-from avalanche_dkvb.checkpoint import CheckpointError, checkpoint_refusal, load_training_state, save_training_state
+from avalanche_dkvb.checkpoint import (CheckpointError, checkpoint_refusal, load_training_state, read_extra,
+                                      save_training_state)
 from avalanche_dkvb.data import make_class_incremental_benchmark
 from avalanche_dkvb.metrics import (AccuracyMatrix, BottleneckDiagnostic, ClassBalancedAccuracy,
                                     SeenClassesAccuracy, dkvb_metrics, headline_metrics)
@@ -154,6 +155,12 @@ class Cell:
     def key(self) -> tuple[str, str, int]:
         return self.benchmark, self.method, self.seed
 
+    @property
+    def run_settings(self) -> dict:
+        """What a checkpoint of the cell must have been saved with (:func:`run_stream` adds the
+        number of experiences)."""
+        return {"benchmark": self.benchmark, "method": self.method, "seed": self.seed, **self.settings}
+
     def __str__(self) -> str:
         return f"{self.benchmark} {self.method} seed {self.seed}"
 
@@ -175,6 +182,17 @@ class CachedArray:
 def _tensor(array) -> torch.Tensor:
     """A writable tensor copy of an array, a read-only object-store array or a :class:`CachedArray`."""
     return torch.from_numpy(np.array(array.load() if isinstance(array, CachedArray) else array))
+
+
+def check_checkpoint_settings(path: Path, cell: Cell) -> None:
+    """CheckpointError (a ValueError) naming ``path`` if the checkpoint there was saved with settings
+    other than ``cell``'s, or cannot be read; cheap (the file is memory-mapped), so a driver can check
+    every cell's checkpoint before it loads data or runs any cell."""
+    saved, expected = read_extra(path).get("settings") or {}, cell.run_settings
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path}: saved with other settings ({'; '.join(diffs)}); delete it to start {cell} "
+                              f"afresh, or resume with the settings it was saved with.")
 
 
 def run_cell(cell: Cell, data: dict | None) -> RunResult:
@@ -213,8 +231,7 @@ def run_cell(cell: Cell, data: dict | None) -> RunResult:
         print(f"[{cell.benchmark}] {cell.method}, seed {cell.seed}", flush=True)
         result = run_stream(strategy, benchmark, progress=lambda line: print(f"  {line}", flush=True),
                             after_experience=after_experience, checkpoint=checkpoint, resume=True,
-                            settings={"benchmark": cell.benchmark, "method": cell.method, "seed": cell.seed,
-                                      **cell.settings}, carry=carry)
+                            settings=cell.run_settings, carry=carry)
         loggers[1].close()  # the CSV files
         if len(loggers) > 2:
             loggers[2].writer.close()  # the TensorBoard events

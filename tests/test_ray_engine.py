@@ -240,24 +240,37 @@ def test_progress_shows_finished_running_failed_elapsed_and_an_estimate():
     assert progress.line(running=0) == "[cells: 4/5 finished, 0 running, 1 failed; 1:00:30 elapsed]"
 
 
-def test_sigterm_after_ray_init_still_reaches_the_runs_own_handler(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_reaches_the_runs_own_handler_while_the_driver_waits_on_ray(signame):
     """ray.init replaces SIGTERM's handler with Ray's (it exits the driver at once, so run.json would
-    stay "running"); the engine puts the run's own handler back. Real process, its own Ray."""
-    script = textwrap.dedent("""
-        import os, signal, sys, time
+    stay "running"); the engine puts the run's own handler back, and Ctrl-C or kill stop the driver
+    within seconds while it waits in ray.wait for a long cell. Real process, its own Ray."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
         import ray
         from benchmarks.__main__ import StopSignals
         from benchmarks.engine import _signal_handlers_kept
         with StopSignals():
             with _signal_handlers_kept():
                 ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+            long_cell = ray.remote(lambda: time.sleep(60)).remote()
+            threading.Timer(2, os.kill, (os.getpid(), signal.{signame})).start()
+            start = time.monotonic()
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(30)
+                ray.wait([long_cell], num_returns=1)
                 print("NOT INTERRUPTED")
             except KeyboardInterrupt:
-                print("INTERRUPTED")
+                print("INTERRUPTED" if time.monotonic() - start < 20 else "LATE")
         ray.shutdown()
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "INTERRUPTED", (done.returncode, done.stdout, done.stderr)
+
+
+def test_a_cluster_too_small_for_one_cell_is_refused_before_the_embeddings_load(tmp_path, ray_cluster, real_args,
+                                                                               monkeypatch, capsys):
+    monkeypatch.setattr(benchmark_cli.Job, "load_data", lambda job: pytest.fail("the embeddings were loaded"))
+    out = tmp_path / "out"
+    assert main(real_args + ["--engine", "ray", "--cpus-per-cell", "3", "--out", str(out)]) == 1
+    assert "the Ray cluster has 2 CPUs and 0 GPUs, less than one cell's --cpus-per-cell 3" in capsys.readouterr().err
+    assert not (out / "results.csv").exists()

@@ -429,3 +429,25 @@ def test_a_resume_rewrites_the_summaries_a_stopped_commit_left_behind(tmp_path, 
     assert "| toy2d | linear | 1 | 100.0" in (out / "summary.md").read_text()
     assert (out / "summary.csv").exists() and not (out / "checkpoints" / "linear_seed0.pt").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_any_cell_runs(tmp_path, capsys, monkeypatch):
+    """A resume whose second cell finds a checkpoint saved for another seed stops before the first
+    cell runs (it used to be refused only inside its own cell, after the others had run)."""
+    import benchmarks.__main__ as benchmark_cli
+    from avalanche_dkvb.checkpoint import save_training_state
+    from benchmarks import toy2d
+    from benchmarks.runner import checkpoint_path, make_evaluator
+
+    out = tmp_path / "out"
+    path = checkpoint_path(out, "linear", 1)
+    path.parent.mkdir(parents=True)
+    strategy = toy2d.METHODS["linear"](make_evaluator([]), 7)
+    save_training_state(path, strategy, {"settings": {"benchmark": "toy2d", "method": "linear", "seed": 7,
+                                                      "experiences": 4}})
+    ran = []
+    monkeypatch.setattr(benchmark_cli, "run_cell", lambda cell, data: ran.append(cell))
+    assert main(["--methods", "linear", "--seeds", "0,1", "--resume", "--out", str(out)]) == 1
+    assert f"{path}: saved with other settings (seed: saved 7, now 1)" in capsys.readouterr().err
+    assert ran == [] and not (out / "results.csv").exists() and path.exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
