@@ -19,7 +19,7 @@ import pandas as pd
 from avalanche_dkvb.atomic_files import atomic_write_text
 from benchmarks import cli
 from benchmarks.folder_lock import FolderBusy, FolderLock
-from benchmarks.outputs import (RESULT_COLUMNS, ResultsWriter, read_run_info, run_key, setting_text,
+from benchmarks.outputs import (RESULT_COLUMNS, ResultsWriter, read_run_info, run_key, setting_text, settings_columns,
                                 threads_per_cell)
 from benchmarks.plots import plot_accuracy_curves, plot_final_matrices
 
@@ -35,7 +35,7 @@ def merge(run_dirs: list[Path], out: Path, replace: bool = False) -> ResultsWrit
     infos = [_run_info(d) for d in run_dirs]  # read before writing: out may be one of run_dirs
     rows, matrix_rows = _combine(runs, replace)
     results = pd.DataFrame(rows)
-    writer = ResultsWriter(out, context={c: None for c in results.columns if c not in RESULT_COLUMNS})
+    writer = ResultsWriter(out, context=settings_columns(results))
     writer.rows = results.sort_values(["seed"], kind="stable").to_dict("records")
     writer.matrix_rows = matrix_rows
     writer.write()

@@ -58,7 +58,7 @@ class ResultsWriter:
         """The runs in ``out_dir`` as they are, whatever their settings columns (checked sound by
         :func:`load_results`), e.g. to merge them."""
         results, matrices = load_results(Path(out_dir))
-        writer = cls(out_dir, context={column: None for column in results.columns if column not in RESULT_COLUMNS})
+        writer = cls(out_dir, context=settings_columns(results))
         writer.rows, writer.matrix_rows = results.to_dict("records"), matrices.to_dict("records")
         return writer
 
@@ -199,6 +199,12 @@ def _check_unique(frame: pd.DataFrame, path: Path, key: list[str]) -> None:
     repeated = frame[frame.duplicated(key, keep=False)]
     if not repeated.empty:
         raise ValueError(f"{path} has duplicated rows for {key}: {repeated[key].drop_duplicates().head(3).to_dict('records')}.")
+
+
+def settings_columns(results: pd.DataFrame) -> dict:
+    """A writer's ``context`` holding the settings columns of ``results`` as they are (values None:
+    each row keeps its own)."""
+    return {column: None for column in results.columns if column not in RESULT_COLUMNS}
 
 
 def read_run_info(run_dir: Path) -> dict:
