@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -110,9 +112,11 @@ class DKVB(SupervisedTemplate):
     def make_train_dataloader(self, shuffle: bool = True, **kwargs):
         super().make_train_dataloader(shuffle=shuffle, **kwargs)
         self._default_loader, self._shuffle = self.dataloader, shuffle
-        # The cached batches are plain minibatches of the dataset; a loader that drops the last one or
-        # balances several task labels (Avalanche's TaskBalancedDataLoader) is iterated as it is instead.
-        self._loader_shapes_batches = bool(kwargs.get("drop_last")) or _task_label_count(self.adapted_dataset) > 1
+        # The cached batches are plain minibatches of the dataset in eval mode; a loader that drops the
+        # last one, balances several task labels (Avalanche's TaskBalancedDataLoader) or applies training
+        # transforms (augmentations) is iterated as it is instead.
+        self._loader_shapes_batches = (bool(kwargs.get("drop_last")) or _task_label_count(self.adapted_dataset) > 1
+                                       or _has_training_transforms(self.adapted_dataset))
 
     def _before_training_exp(self, **kwargs):
         super()._before_training_exp(**kwargs)  # plugins: key init, freezing, replay loaders, ...
@@ -168,3 +172,18 @@ def _task_label_count(dataset) -> int:
     """How many task labels an Avalanche dataset holds (1 for a dataset without them)."""
     labels = getattr(dataset, "targets_task_labels", None)
     return 1 if labels is None else len(labels.uniques)
+
+
+def _has_training_transforms(dataset, probes: int = 8) -> bool:
+    """Whether the first ``probes`` inputs of an Avalanche dataset differ between its train and eval
+    modes (training transforms or augmentations). The random generators (torch, numpy, ``random``) are
+    put back afterwards, so the probe changes no later draw."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            train, evaluation = dataset.train(), dataset.eval()
+            return any(not torch.equal(torch.as_tensor(train[i][0]), torch.as_tensor(evaluation[i][0]))
+                       for i in range(min(probes, len(dataset))))
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

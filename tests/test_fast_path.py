@@ -453,3 +453,30 @@ def test_loaders_that_shape_their_batches_are_iterated_as_they_are(loader, make_
     # so task 0's 32 samples take 4 (task 1's 8 oversampled)
     assert fast.clock.train_exp_iterations == slow.clock.train_exp_iterations == 2 * (2 if loader == "drop_last" else 4)
     assert_same_training(fast, slow)
+
+
+def test_training_transforms_are_applied_on_the_fast_path_as_in_the_generic_loop(make_model, init_data):
+    """An experience with a random training transform (noise, like upstream's RandomCrop): the fast path
+    iterates the real loader, so it trains on the transformed inputs, with the same random draws, as the
+    generic loop (it used to train on the eval-mode inputs, silently)."""
+    from avalanche.benchmarks import dataset_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 2, generator=g), torch.randint(0, 8, (40,), generator=g)
+    noisy = tensor_dataset(x, y).replace_current_transform_group((lambda v: v + 0.3 * torch.randn_like(v), None))
+    experience = dataset_benchmark([noisy], [tensor_dataset(x, y)]).train_stream[0]
+    strategies = []
+    for mode in ("eager", "off"):
+        torch.manual_seed(1)
+        probe = FastPathProbe()
+        strategy = make_dkvb(initialised(make_model(), init_data), EvaluationPlugin(), mode, [probe], epochs=2)
+        strategy.train(experience, shuffle=False)
+        strategies.append(strategy)
+    fast, slow = strategies
+    assert fast.plugins[0].seen == [True, True]
+    assert_same_training(fast, slow)
+    from avalanche_dkvb.strategy import _has_training_transforms
+    before = torch.random.get_rng_state()
+    assert _has_training_transforms(noisy) and not _has_training_transforms(tensor_dataset(x, y))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the probe draws nothing the run would see
