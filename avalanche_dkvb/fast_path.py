@@ -24,11 +24,12 @@ as the C++ kernels of :mod:`avalanche_dkvb.native_step`, one pass each; elsewher
 by ``torch.compile`` or eager.
 
 Where the rows come from:
-- :class:`CachedExperienceBatches` when the strategy trains on its own default loader: the experience
-  (its eval-mode dataset: no training augmentations) is materialised once with its rows (N, C*k);
-  each epoch is a shuffle (or not) and slices.
-- :class:`RowsByContent` when a plugin replaced the loader (e.g. Replay's buffer): the loader itself
-  is iterated and each input's rows are found by its content, computed once per distinct input.
+- :class:`CachedExperienceBatches` when the strategy trains on its own default loader over plain
+  batches of an experience without training transforms: the experience is materialised once with its
+  rows (N, C*k); each epoch is a shuffle (or not) and slices.
+- :class:`RowsByContent` otherwise (a plugin replaced the loader, e.g. Replay's buffer; the loader
+  shapes its batches; training transforms): the loader itself is iterated and each input's rows are
+  found by its content, computed once per distinct input.
 
 Whether the fast path may run at all is decided by :func:`fast_path_blocker` from an explicit
 allow-list of plugins (:data:`EXACT_PLUGINS`) and the ``dkvb_fast_path_exact`` attribute a user's

@@ -36,9 +36,9 @@ class DKVB(SupervisedTemplate):
     elsewhere; "eager" runs plain torch ops. It is taken only when exact: mean decoder, plain SGD on the
     values, plain mean cross-entropy, and every plugin in the fast path's allow-list or declaring
     ``dkvb_fast_path_exact = True``; otherwise the standard loop runs and a warning names the reason.
-    On the strategy's own loader, indices are computed on the experience without training
-    augmentations (the paper embeds each image once); a loader replaced by a plugin (Replay) is
-    iterated as it is. ``fast_path_threads`` runs training epochs with that many torch threads (the
+    On the strategy's own loader over plain batches without training transforms, indices are
+    computed once per experience; otherwise (a loader replaced by a plugin such as Replay, a loader
+    that shapes its batches, training transforms) the loader is iterated as it is. ``fast_path_threads`` runs training epochs with that many torch threads (the
     step moves too little memory to share: on 2 cores one thread is 2-3x faster); None leaves the
     process's setting alone.
     """
