@@ -38,7 +38,8 @@ class DKVB(SupervisedTemplate):
     ``dkvb_fast_path_exact = True``; otherwise the standard loop runs and a warning names the reason.
     On the strategy's own loader over plain batches without training transforms, indices are
     computed once per experience; otherwise (a loader replaced by a plugin such as Replay, a loader
-    that shapes its batches, training transforms) the loader is iterated as it is. ``fast_path_threads`` runs training epochs with that many torch threads (the
+    that shapes its batches, training transforms) the loader is iterated as it is.
+    ``fast_path_threads`` runs training epochs with that many torch threads (the
     step moves too little memory to share: on 2 cores one thread is 2-3x faster); None leaves the
     process's setting alone.
     """
@@ -112,11 +113,9 @@ class DKVB(SupervisedTemplate):
     def make_train_dataloader(self, shuffle: bool = True, **kwargs):
         super().make_train_dataloader(shuffle=shuffle, **kwargs)
         self._default_loader, self._shuffle = self.dataloader, shuffle
-        # The cached batches are plain minibatches of the dataset in eval mode; a loader that drops the
-        # last one, balances several task labels (Avalanche's TaskBalancedDataLoader) or applies training
-        # transforms (augmentations) is iterated as it is instead.
-        self._loader_shapes_batches = (bool(kwargs.get("drop_last")) or _task_label_count(self.adapted_dataset) > 1
-                                       or _has_training_transforms(self.adapted_dataset))
+        # The cached batches are plain minibatches of the dataset; a loader that drops the last one or
+        # balances several task labels (Avalanche's TaskBalancedDataLoader) is iterated as it is instead.
+        self._loader_shapes_batches = bool(kwargs.get("drop_last")) or _task_label_count(self.adapted_dataset) > 1
 
     def _before_training_exp(self, **kwargs):
         super()._before_training_exp(**kwargs)  # plugins: key init, freezing, replay loaders, ...
@@ -128,7 +127,8 @@ class DKVB(SupervisedTemplate):
             warnings.warn(f"DKVB fast path off for this experience: {blocker}.", stacklevel=2)
             return
         self._kernels.prepare(self.model.bottleneck.values)
-        if self.dataloader is self._default_loader and not self._loader_shapes_batches:
+        if (self.dataloader is self._default_loader and not self._loader_shapes_batches
+                and not _has_training_transforms(self.adapted_dataset)):  # cached in eval mode: no transforms
             batches = CachedExperienceBatches(self.model, self.adapted_dataset.eval(), self.train_mb_size,
                                               self._shuffle, self.device)
         else:
