@@ -480,3 +480,38 @@ def test_training_transforms_are_applied_on_the_fast_path_as_in_the_generic_loop
     before = torch.random.get_rng_state()
     assert _has_training_transforms(noisy) and not _has_training_transforms(tensor_dataset(x, y))
     assert torch.equal(torch.random.get_rng_state(), before)  # the probe draws nothing the run would see
+
+
+def test_optimizer_step_hooks_run_around_the_fast_update_as_in_the_generic_loop(make_model, init_data, toy_stream):
+    """Step pre- and post-hooks see the values before and after each update on both paths (the fast
+    path used to skip optimizer.step(), so hooks never ran and StepLR warned about the call order)."""
+    def plugins(model):
+        optimizer = torch.optim.SGD([model.bottleneck.values], lr=0.3)
+        seen = []
+        optimizer.register_step_pre_hook(lambda *_: seen.append(("pre", model.bottleneck.values.sum().item())))
+        optimizer.register_step_post_hook(lambda *_: seen.append(("post", model.bottleneck.values.sum().item())))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        plugins.made.append((optimizer, seen))
+        return [LRSchedulerPlugin(scheduler, step_granularity="iteration", reset_scheduler=False, reset_lr=False)]
+
+    plugins.made = []
+    fast_model = initialised(make_model(), init_data)
+    slow_model = copy.deepcopy(fast_model)
+    fast_plugins, slow_plugins = plugins(fast_model), plugins(slow_model)
+    (fast_optimizer, fast_seen), (slow_optimizer, slow_seen) = plugins.made
+    fast = make_dkvb(fast_model, EvaluationPlugin(), "eager", [FastPathProbe(), *fast_plugins],
+                     optimizer=fast_optimizer)
+    slow = make_dkvb(slow_model, EvaluationPlugin(), "off", slow_plugins, optimizer=slow_optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for exp in toy_stream.train_stream:
+            fast.train(exp, shuffle=False)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    for exp in toy_stream.train_stream:
+        slow.train(exp, shuffle=False)
+    assert all(fast.plugins[0].seen)
+    assert len(fast_seen) == len(slow_seen) > 0
+    assert [kind for kind, _ in fast_seen] == [kind for kind, _ in slow_seen]
+    assert any(after != before for (_, before), (_, after) in zip(fast_seen[::2], fast_seen[1::2]))
+    assert [total for _, total in fast_seen] == pytest.approx([total for _, total in slow_seen], abs=1e-5)
+    assert_same_training(fast, slow)
