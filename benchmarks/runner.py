@@ -195,6 +195,22 @@ def check_checkpoint_settings(path: Path, cell: Cell) -> None:
                               f"afresh, or resume with the settings it was saved with.")
 
 
+CSV_LOGS = ("training_results", "eval_results")  # the files Avalanche's CSVLogger writes
+
+
+def keep_csv_logs_of_earlier_attempts(run_dir: Path) -> None:
+    """Avalanche's CSVLogger starts its files afresh. Before a cell continues from its checkpoint, the
+    earlier attempt's files are renamed to ``<name>.attempt<N>.csv`` (N = 1, 2, ...), so the rows of the
+    experiences it finished stay (the text log is appended to instead)."""
+    for name in CSV_LOGS:
+        current = run_dir / f"{name}.csv"
+        if current.exists():
+            attempt = 1
+            while (run_dir / f"{name}.attempt{attempt}.csv").exists():  # never over an earlier one
+                attempt += 1
+            current.rename(run_dir / f"{name}.attempt{attempt}.csv")
+
+
 def run_cell(cell: Cell, data: dict | None) -> RunResult:
     """Run ``cell`` in this process and return its result; toy2d's decision regions after each
     experience are in ``result.extra["regions"]``. A checkpoint of the cell in ``cell.out`` (left by
@@ -204,6 +220,8 @@ def run_cell(cell: Cell, data: dict | None) -> RunResult:
     run_dir = cell.out / "logs" / f"{cell.method}_seed{cell.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(cell.out, cell.method, cell.seed)
+    if checkpoint.exists():
+        keep_csv_logs_of_earlier_attempts(run_dir)
     with open(run_dir / "log.txt", "a" if checkpoint.exists() else "w") as log_file:
         loggers = [TextLogger(log_file), CSVLogger(str(run_dir))]
         carry, after_experience = None, None

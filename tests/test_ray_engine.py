@@ -119,6 +119,23 @@ def test_a_worker_killed_mid_cell_is_retried_without_duplicate_rows(tmp_path, ra
     assert killed.exists()
     _assert_same_run(tmp_path / "ray", tmp_path / "local", ["final_accuracy_matrices.png"])
     assert not list((tmp_path / "ray" / "checkpoints").glob("*.pt"))
+    # the killed attempt's CSV log is kept beside the retry's: it holds the rows the uninterrupted run
+    # logged up to the kill (all of experience 0, maybe a few epochs of experience 1), the retry's the rest
+    ray_logs, local_logs = (tmp_path / run / "logs" / "linear_seed3" for run in ("ray", "local"))
+    assert sorted(path.name for path in ray_logs.glob("training_results*.csv")) == [
+        "training_results.attempt1.csv", "training_results.csv"]
+    killed_rows, retry_rows, local_rows = (_rows(path) for path in (
+        ray_logs / "training_results.attempt1.csv", ray_logs / "training_results.csv",
+        local_logs / "training_results.csv"))
+    assert killed_rows == local_rows[:len(killed_rows)]
+    first_experience = [row for row in local_rows if row.startswith("0,")]
+    assert killed_rows[:len(first_experience)] == first_experience
+    assert retry_rows == local_rows[len(first_experience):]
+
+
+def _rows(csv_path: Path) -> list[str]:
+    """The data rows of one of Avalanche's CSV logs (its header dropped), in file order."""
+    return csv_path.read_text().splitlines()[1:]
 
 
 def test_a_failing_cell_is_reported_the_others_finish_and_resume_runs_only_it(tmp_path, ray_cluster, real_args,
