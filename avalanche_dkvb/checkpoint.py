@@ -46,8 +46,8 @@ import torch
 
 from avalanche_dkvb.atomic_files import atomic_write
 
-__all__ = ["CheckpointError", "FORMAT", "checkpoint_refusal", "load_training_state", "read_extra",
-           "save_training_state"]
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_refusal", "describe_differences", "load_training_state",
+           "read_extra", "save_training_state"]
 
 FORMAT = "avalanche_dkvb.training_state/1"
 
@@ -318,6 +318,14 @@ def save_training_state(path: str | os.PathLike, strategy, extra: dict | None = 
                                   "numbers).") from None
 
 
+def describe_differences(saved: dict, now: dict) -> str:
+    """``"key: saved X, now Y; ..."`` for every key of either dict whose values differ (saved's keys
+    first), each entry cut to 160 characters: the body of a "saved with other settings" refusal."""
+    keys = list(saved) + [k for k in now if k not in saved]
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return "; ".join(d if len(d) < 160 else d[:157] + "..." for d in diffs)
+
+
 def _read(path: str | os.PathLike, mmap: bool = False) -> dict:
     """The state :func:`save_training_state` wrote to ``path`` (memory-mapped with ``mmap``: cheap to
     look into); CheckpointError naming the file if it is missing, damaged or of another format."""
@@ -352,9 +360,7 @@ def load_training_state(path: str | os.PathLike, strategy) -> dict:
     if "settings" not in found:  # saved before settings were recorded: compare what it holds
         expected.pop("settings")
     if found != expected:
-        diffs = [f"{k}: saved {found.get(k)!r}, now {expected.get(k)!r}" for k in expected if found.get(k) != expected.get(k)]
-        diffs = [d if len(d) < 160 else d[:157] + "..." for d in diffs]
-        raise CheckpointError(f"{path}: saved with other settings ({'; '.join(diffs)}).")
+        raise CheckpointError(f"{path}: saved with other settings ({describe_differences(found, expected)}).")
     _, load = _strategy_handlers()[type(strategy)]
     try:  # what can refuse the checkpoint runs first: the optimizer's groups, the strategy's own state
         optimizer = getattr(strategy, "optimizer", None)

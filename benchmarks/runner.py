@@ -22,8 +22,8 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetti
 from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
-from avalanche_dkvb.checkpoint import (CheckpointError, checkpoint_refusal, load_training_state, read_extra,
-                                      save_training_state)
+from avalanche_dkvb.checkpoint import (CheckpointError, checkpoint_refusal, describe_differences, load_training_state,
+                                      read_extra, save_training_state)
 from avalanche_dkvb.data import make_class_incremental_benchmark
 from avalanche_dkvb.metrics import (AccuracyMatrix, BottleneckDiagnostic, ClassBalancedAccuracy,
                                     SeenClassesAccuracy, dkvb_metrics, headline_metrics)
@@ -108,9 +108,10 @@ def run_stream(strategy, benchmark, *, progress: Callable[[str], None] = print,
             checkpoint = None
         elif resume and checkpoint.exists():
             extra = load_training_state(checkpoint, strategy)
-            if extra.get("settings") != settings:
-                raise CheckpointError(f"{checkpoint}: saved with other settings ({extra.get('settings')}, now "
-                                      f"{settings}); delete it to start this run afresh.")
+            saved = extra.get("settings") or {}
+            if saved != settings:
+                raise CheckpointError(f"{checkpoint}: saved with other settings "
+                                      f"({describe_differences(saved, settings)}); delete it to start this run afresh.")
             start_exp, train_seconds = int(extra["next_experience"]), float(extra["train_seconds"])
             if carry is not None:
                 carry.clear()
@@ -189,10 +190,10 @@ def check_checkpoint_settings(path: Path, cell: Cell) -> None:
     other than ``cell``'s, or cannot be read; cheap (the file is memory-mapped), so a driver can check
     every cell's checkpoint before it loads data or runs any cell."""
     saved, expected = read_extra(path).get("settings") or {}, cell.run_settings
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected.items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{path}: saved with other settings ({'; '.join(diffs)}); delete it to start {cell} "
-                              f"afresh, or resume with the settings it was saved with.")
+    saved = {k: saved.get(k) for k in expected}  # the number of experiences, also saved, is checked by run_stream
+    if saved != expected:
+        raise CheckpointError(f"{path}: saved with other settings ({describe_differences(saved, expected)}); delete "
+                              f"it to start {cell} afresh, or resume with the settings it was saved with.")
 
 
 CSV_LOGS = ("training_results", "eval_results")  # the files Avalanche's CSVLogger writes

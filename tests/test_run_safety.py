@@ -431,6 +431,25 @@ def test_a_resume_rewrites_the_summaries_a_stopped_commit_left_behind(tmp_path, 
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_checkpoint_of_another_number_of_experiences_is_refused_by_the_cell_naming_only_what_differs(tmp_path):
+    """The driver's check compares the cell's settings; the stream's length, saved too, is checked by
+    run_stream, which names the one setting that differs and leaves the checkpoint where it was."""
+    from avalanche_dkvb.checkpoint import CheckpointError, save_training_state
+    from benchmarks import toy2d
+    from benchmarks.runner import make_evaluator, run_stream
+
+    path = tmp_path / "linear_seed0.pt"
+    settings = {"benchmark": "toy2d", "method": "linear", "seed": 0}
+    save_training_state(path, toy2d.METHODS["linear"](make_evaluator([]), 0),
+                        {"settings": dict(settings, experiences=9), "next_experience": 1, "train_seconds": 0.0,
+                         "carry": {}})
+    strategy = toy2d.METHODS["linear"](make_evaluator([]), 0)
+    with pytest.raises(CheckpointError, match=rf"saved with other settings \(experiences: saved 9, now 4\); delete"):
+        run_stream(strategy, toy2d.toy2d_benchmark(0), progress=lambda line: None, checkpoint=path, resume=True,
+                   settings=settings)
+    assert path.exists()
+
+
 def test_a_checkpoint_of_other_settings_is_refused_before_any_cell_runs(tmp_path, capsys, monkeypatch):
     """A resume whose second cell finds a checkpoint saved for another seed stops before the first
     cell runs (it used to be refused only inside its own cell, after the others had run)."""
