@@ -1,9 +1,10 @@
 """Shared fixtures for the DKVB tests: one CPU thread, a small 2D class-incremental stream, small models,
-waiting on a subprocess."""
+waiting on a subprocess, stop signals not ignored."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -20,6 +21,21 @@ def _one_thread_and_seeded():
     torch.manual_seed(int(os.environ.get("DKVB_TEST_SEED", "0")))
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def stop_signals_not_ignored():
+    """SIGINT, SIGTERM and SIGHUP as a terminal gives them (KeyboardInterrupt for SIGINT, the default for
+    the others), restored afterwards. A shell's background job or ``nohup`` starts pytest with some of
+    them ignored, which the run rightly keeps (and so would a subprocess, which inherits it); the tests
+    of its stop handling need them live."""
+    ignored = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(s) == signal.SIG_IGN}
+    for signum in ignored:
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for signum, handler in ignored.items():
+        signal.signal(signum, handler)
 
 
 PROCESS_TIMEOUT_S = 900.0

@@ -258,7 +258,7 @@ def test_progress_shows_finished_running_failed_elapsed_and_an_estimate():
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_stop_signal_reaches_the_runs_own_handler_while_the_driver_waits_on_ray(signame):
+def test_a_stop_signal_reaches_the_runs_own_handler_while_the_driver_waits_on_ray(signame, stop_signals_not_ignored):
     """ray.init replaces SIGTERM's handler with Ray's (it exits the driver at once, so run.json would
     stay "running"); the engine puts the run's own handler back, and Ctrl-C or kill stop the driver
     within seconds while it waits in ray.wait for a long cell. Real process, its own Ray."""

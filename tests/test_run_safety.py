@@ -315,7 +315,7 @@ def _own_handler(signum) -> bool:
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_swallowed_stop_signal_still_ends_the_run_interrupted_and_cannot_cut_the_final_status_short(
-        tmp_path, capsys, monkeypatch, signal_name):
+        tmp_path, capsys, monkeypatch, signal_name, stop_signals_not_ignored):
     """In process: the signal lands in the linear cell inside code that swallows the KeyboardInterrupt
     (a library falling back, like OpenVINO's conversion). The cell's result is kept, the mlp cell is
     not started, and run.json ends "interrupted". From the "running" status to the final one the
