@@ -80,16 +80,22 @@ def _combine(runs: list[ResultsWriter], replace: bool) -> tuple[list[dict], list
 
 
 def _settings(run: ResultsWriter) -> dict:
-    """The run's settings columns (everything in results.csv beside the metrics) and their values."""
+    """The run's settings columns (everything in results.csv beside the metrics) and their values where
+    they apply: a setting of some methods only (e.g. ``baseline_epochs``) is empty on the other rows."""
     frame = pd.DataFrame(run.rows)
-    return {c: sorted(set(frame[c].map(setting_text))) for c in frame.columns if c not in RESULT_COLUMNS}
+    return {c: sorted(set(frame[c].dropna().map(setting_text))) for c in frame.columns if c not in RESULT_COLUMNS}
 
 
 def _check_same_settings(run_dirs: list[Path], runs: list[ResultsWriter]) -> None:
+    """ValueError unless every run has the same settings columns, each with the same values wherever both
+    runs have a method it applies to (a run of DKVB alone merges with one whose SGD baselines set
+    ``baseline_epochs``)."""
     reference = _settings(runs[0])
     for run_dir, run in zip(run_dirs[1:], runs[1:]):
         settings = _settings(run)
-        differing = sorted(c for c in reference.keys() | settings.keys() if reference.get(c) != settings.get(c))
+        differing = sorted(c for c in reference.keys() | settings.keys()
+                           if c not in reference or c not in settings
+                           or (reference[c] and settings[c] and reference[c] != settings[c]))
         if differing:
             details = ", ".join(f"{c}: {reference.get(c, '<missing>')} vs {settings.get(c, '<missing>')}"
                                 for c in differing)

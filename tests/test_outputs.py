@@ -86,6 +86,28 @@ def test_merge_refuses_runs_made_with_different_settings(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_merge_compares_a_setting_of_some_methods_only_where_both_runs_have_such_a_method(tmp_path):
+    """baseline_epochs applies to the SGD baselines: a run of DKVB alone (the column empty) merges with a
+    run that has them, a run whose baselines used other epochs does not."""
+    def run(path, method, seed, baseline_epochs):
+        writer = ResultsWriter(path, context={"epochs": 200, "baseline_epochs": baseline_epochs},
+                               applies_to={"baseline_epochs": {"linear"}})
+        writer.add("bench", method, seed, _result(0.5))
+        (path / "run.json").write_text(json.dumps({"command": f"run {method}", "wall_clock_seconds": 1.0,
+                                                   "torch_threads": 1, "torch": "x", "finished": "today"}))
+
+    run(tmp_path / "sgd", "linear", 0, 20)
+    run(tmp_path / "dkvb", "dkvb", 0, 20)
+    run(tmp_path / "sgd_other", "linear", 1, 50)
+    assert pd.read_csv(tmp_path / "dkvb" / "results.csv").baseline_epochs.isna().all()
+    merge([tmp_path / "sgd", tmp_path / "dkvb"], tmp_path / "merged")
+    merged = pd.read_csv(tmp_path / "merged" / "results.csv")
+    assert merged.method.tolist() == ["linear", "dkvb"] and merged.baseline_epochs.isna().tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"baseline_epochs: \['20'\] vs \['50'\]"):
+        merge([tmp_path / "merged", tmp_path / "sgd_other"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_merge_records_a_run_stopped_before_writing_run_json(tmp_path):
     _run_dir(tmp_path / "a", [0], {"epochs": 200})
     _run_dir(tmp_path / "b", [1], {"epochs": 200})
