@@ -14,7 +14,10 @@ and the loss are accumulated in float64; the update ``step * gradient[i]`` is ro
 and added to each selected row in the order (codebook, column, sample), the order in which the torch
 step's ``index_add_`` adds it. ``scatter_add`` runs groups of ``group`` consecutive columns in parallel
 (``at::parallel_for``): a group must hold the columns of one codebook (top-k), whose rows no other group
-selects. Built by :func:`avalanche_dkvb.native.build_extension`; None where it cannot be.
+selects. Rows of at most 16 floats (V <= 16; for the scatter also top-1) go through kernels with V fixed
+at compile time, whose sums and updates stay in vector registers: they go sample by sample, with the
+same sums and the same order of additions per row. Built by :func:`avalanche_dkvb.native.build_extension`;
+None where it cannot be.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 constexpr int64_t AHEAD = 24;  // samples between a row's prefetch and its use: rows are random in a large table
@@ -72,6 +76,100 @@ static void scatter_rows(float* values, const Row* rows, const float* update, in
   });
 }
 
+// Value sizes up to MAX_FIXED_V (the class counts of most streams: 10, 2 per experience, ...) get kernels with V known
+// at compile time, so a row is a few vector loads and a sample's sums or update stay in registers.
+constexpr int MAX_FIXED_V = 16;
+typedef float floats8 __attribute__((vector_size(32)));
+typedef double doubles8 __attribute__((vector_size(64)));
+
+// gather_mean_rows for V == VV, sample-major: each sample's J rows are summed in registers, in column order (as
+// gather_mean_rows sums them), and the row of the row index AHEAD positions later is prefetched.
+template <int VV, typename Row>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static void gather_mean_fixed(const float* values, const Row* rows, int64_t B, int64_t J, double scale, float* out) {
+  constexpr int CHUNKS = VV / 8, TAIL = VV % 8;
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    const int64_t last = end * J;
+    for (int64_t i = begin; i < end; i++) {
+      doubles8 sums[CHUNKS > 0 ? CHUNKS : 1] = {};
+      double tail_sums[TAIL > 0 ? TAIL : 1] = {};
+      for (int64_t p = i * J; p < (i + 1) * J; p++) {
+        if (p + AHEAD < last) prefetch_row(values + (int64_t)rows[p + AHEAD] * VV, VV);
+        const float* row = values + (int64_t)rows[p] * VV;
+        for (int c = 0; c < CHUNKS; c++) {
+          floats8 x;
+          std::memcpy(&x, row + 8 * c, sizeof x);
+          sums[c] += __builtin_convertvector(x, doubles8);
+        }
+        for (int v = 0; v < TAIL; v++) tail_sums[v] += row[8 * CHUNKS + v];
+      }
+      for (int c = 0; c < CHUNKS; c++)
+        for (int v = 0; v < 8; v++) out[i * VV + 8 * c + v] = (float)(sums[c][v] / J) * (float)scale;
+      for (int v = 0; v < TAIL; v++) out[i * VV + 8 * CHUNKS + v] = (float)(tail_sums[v] / J) * (float)scale;
+    }
+  });
+}
+
+// scatter_rows for V == VV and one column per codebook (top-1): each thread takes a range of columns and adds
+// sample by sample, the sample's update held in registers. A row belongs to one column, so it still receives
+// its updates in sample order, as from scatter_rows and index_add_.
+template <int VV, typename Row>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static void scatter_fixed(float* values, const Row* rows, const float* update, int64_t B, int64_t J) {
+  constexpr int CHUNKS = VV / 8, TAIL = VV % 8;
+  at::parallel_for(0, J, 1, [&](int64_t first, int64_t end) {
+    int64_t ahead_i = 0, ahead_j = first;  // the (sample, column) AHEAD positions on, in this thread's order
+    auto advance = [&] { if (++ahead_j == end) { ahead_j = first; ahead_i++; } };
+    for (int64_t n = 0; n < AHEAD && ahead_i < B; n++) advance();
+    for (int64_t i = 0; i < B; i++) {
+      floats8 u[CHUNKS > 0 ? CHUNKS : 1];
+      float tail_u[TAIL > 0 ? TAIL : 1];
+      for (int c = 0; c < CHUNKS; c++) std::memcpy(&u[c], update + i * VV + 8 * c, sizeof u[c]);
+      for (int v = 0; v < TAIL; v++) tail_u[v] = update[i * VV + 8 * CHUNKS + v];
+      for (int64_t j = first; j < end; j++) {
+        if (ahead_i < B) {
+          prefetch_row(values + (int64_t)rows[ahead_i * J + ahead_j] * VV, VV);
+          advance();
+        }
+        float* row = values + (int64_t)rows[i * J + j] * VV;
+        for (int c = 0; c < CHUNKS; c++) {
+          floats8 x;
+          std::memcpy(&x, row + 8 * c, sizeof x);
+          x += u[c];
+          std::memcpy(row + 8 * c, &x, sizeof x);
+        }
+        for (int v = 0; v < TAIL; v++) row[8 * CHUNKS + v] += tail_u[v];
+      }
+    }
+  });
+}
+
+// The kernels for values of V floats a row: the fixed-size ones where V <= MAX_FIXED_V (scatter: also top-1 only),
+// else the general ones, which go codebook-major and so keep a codebook's rows in the caches for large rows.
+template <typename Row, int VV = 1>
+static void gather_mean_any(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V, double scale,
+                            float* out) {
+  if constexpr (VV > MAX_FIXED_V) {
+    gather_mean_rows(values, rows, B, J, V, scale, out);
+  } else if (V == VV) {
+    gather_mean_fixed<VV>(values, rows, B, J, scale, out);
+  } else {
+    gather_mean_any<Row, VV + 1>(values, rows, B, J, V, scale, out);
+  }
+}
+
+template <typename Row, int VV = 1>
+static void scatter_any(float* values, const Row* rows, const float* update, int64_t B, int64_t J, int64_t V,
+                        int64_t group) {
+  if constexpr (VV > MAX_FIXED_V) {
+    scatter_rows(values, rows, update, B, J, V, group);
+  } else if (V == VV && group == 1) {
+    scatter_fixed<VV>(values, rows, update, B, J);
+  } else {
+    scatter_any<Row, VV + 1>(values, rows, update, B, J, V, group);
+  }
+}
+
 static void check_rows(const torch::Tensor& values, const torch::Tensor& rows) {
   TORCH_CHECK(values.dtype() == torch::kFloat32 && values.is_contiguous() && values.dim() == 2,
               "values must be a contiguous (R, V) float32 tensor");
@@ -87,9 +185,9 @@ torch::Tensor gather_mean(torch::Tensor values, torch::Tensor rows, double scale
   const int64_t B = rows.size(0), J = rows.size(1), V = values.size(1);
   auto out = torch::empty({B, V}, values.options());
   if (rows.dtype() == torch::kInt32) {
-    gather_mean_rows(values.data_ptr<float>(), rows.data_ptr<int32_t>(), B, J, V, scale, out.data_ptr<float>());
+    gather_mean_any(values.data_ptr<float>(), rows.data_ptr<int32_t>(), B, J, V, scale, out.data_ptr<float>());
   } else {
-    gather_mean_rows(values.data_ptr<float>(), rows.data_ptr<int64_t>(), B, J, V, scale, out.data_ptr<float>());
+    gather_mean_any(values.data_ptr<float>(), rows.data_ptr<int64_t>(), B, J, V, scale, out.data_ptr<float>());
   }
   return out;
 }
@@ -137,9 +235,9 @@ void scatter_add(torch::Tensor values, torch::Tensor rows, torch::Tensor gradien
   TORCH_CHECK(group > 0 && J % group == 0, "group must divide the number of columns");
   auto update = gradient * (float)step;  // rounded once, as the torch step's update tensor
   if (rows.dtype() == torch::kInt32) {
-    scatter_rows(values.data_ptr<float>(), rows.data_ptr<int32_t>(), update.data_ptr<float>(), B, J, V, group);
+    scatter_any(values.data_ptr<float>(), rows.data_ptr<int32_t>(), update.data_ptr<float>(), B, J, V, group);
   } else {
-    scatter_rows(values.data_ptr<float>(), rows.data_ptr<int64_t>(), update.data_ptr<float>(), B, J, V, group);
+    scatter_any(values.data_ptr<float>(), rows.data_ptr<int64_t>(), update.data_ptr<float>(), B, J, V, group);
   }
 }
 """
@@ -148,7 +246,7 @@ void scatter_add(torch::Tensor values, torch::Tensor rows, torch::Tensor gradien
 def native_step():
     """The compiled module with ``gather_mean``, ``cross_entropy`` and ``scatter_add`` (see the module
     docstring), or None where it cannot be built (warned once)."""
-    return build_extension("avalanche_dkvb_fast_step_v4", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
+    return build_extension("avalanche_dkvb_fast_step_v5", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
                            "the fast path uses its torch kernels instead (same results, slower)")
 
 

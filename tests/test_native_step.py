@@ -28,10 +28,16 @@ def _batch(C=8, K=32, V=5, b=40, top_k=1, seed=0, row_type=torch.int32):
     return values, rows, torch.randint(V, (b,), generator=g)
 
 
+# value sizes through each kernel: fixed-size with a tail only (5), a vector and a tail (10), two vectors (16),
+# and the general kernels beyond 16 (17, 40)
+VALUE_SIZES = [5, 10, 16, 17, 40]
+
+
 @pytest.mark.parametrize("row_type", [torch.int32, torch.long])
 @pytest.mark.parametrize("top_k, scale", [(1, 1), (3, 3), (3, 1)])
-def test_gather_mean_equals_torch(kernels, row_type, top_k, scale):
-    values, rows, _ = _batch(top_k=top_k, row_type=row_type)
+@pytest.mark.parametrize("value_size", VALUE_SIZES)
+def test_gather_mean_equals_torch(kernels, row_type, top_k, scale, value_size):
+    values, rows, _ = _batch(V=value_size, top_k=top_k, row_type=row_type)
     expected = gather_mean(values, rows.long()) * scale
     torch.testing.assert_close(kernels.gather_mean(values, rows, scale), expected, rtol=1e-6, atol=1e-6)
 
@@ -54,8 +60,9 @@ def test_cross_entropy_refuses_a_label_out_of_range(kernels):
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_scatter_add_equals_index_add_with_repeated_rows(kernels, top_k):
-    values, rows, _ = _batch(K=4, b=50, top_k=top_k)  # 50 samples on 4 keys: every row is hit many times
+@pytest.mark.parametrize("value_size", VALUE_SIZES)
+def test_scatter_add_equals_index_add_with_repeated_rows(kernels, top_k, value_size):
+    values, rows, _ = _batch(K=4, V=value_size, b=50, top_k=top_k)  # 50 samples on 4 keys: every row is hit many times
     gradient = torch.randn(len(rows), values.shape[1], generator=torch.Generator().manual_seed(2))
     expected = values.clone()
     scatter_update(expected, rows.long(), gradient * -0.25)
@@ -63,14 +70,15 @@ def test_scatter_add_equals_index_add_with_repeated_rows(kernels, top_k):
     assert torch.equal(values, expected)  # same update, added row by row in the same order
 
 
-def test_scatter_add_is_the_same_on_one_thread_and_two(kernels):
-    values, rows, _ = _batch(C=16, top_k=2)
+@pytest.mark.parametrize("top_k, value_size", [(2, 5), (1, 10), (1, 40)])
+def test_scatter_add_is_the_same_on_one_thread_and_two(kernels, top_k, value_size):
+    values, rows, _ = _batch(C=16, K=4, V=value_size, top_k=top_k)
     gradient = torch.randn(len(rows), values.shape[1], generator=torch.Generator().manual_seed(3))
     one, two = values.clone(), values.clone()
     with torch_threads(1):
-        kernels.scatter_add(one, rows, gradient, 0.5, 2)
+        kernels.scatter_add(one, rows, gradient, 0.5, top_k)
     with torch_threads(2):
-        kernels.scatter_add(two, rows, gradient, 0.5, 2)
+        kernels.scatter_add(two, rows, gradient, 0.5, top_k)
     assert torch.equal(one, two)
 
 
