@@ -40,39 +40,54 @@ static inline void prefetch_row(const float* row, int64_t V) {  // a row of V fl
   __builtin_prefetch(row + V - 1);
 }
 
+// Each kernel's work over one thread's range is a target_clones function of its own, which the at::parallel_for
+// lambda calls: code written inside the lambda can end up compiled once, for baseline x86-64, whatever clone
+// calls it (the int32 general gather's was; its int64 twin had been inlined into each clone).
 template <typename Row>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static void gather_mean_rows_range(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V,
+                                   double scale, float* out, int64_t begin, int64_t end) {
+  std::vector<double> acc((end - begin) * V, 0.0);
+  for (int64_t j = 0; j < J; j++) {  // one codebook's slice of the values at a time
+    for (int64_t i = begin; i < end; i++) {
+      if (i + AHEAD < end) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
+      const float* row = values + (int64_t)rows[i * J + j] * V;
+      double* a = acc.data() + (i - begin) * V;
+      for (int64_t v = 0; v < V; v++) a[v] += row[v];
+    }
+  }
+  for (int64_t i = begin; i < end; i++) {
+    for (int64_t v = 0; v < V; v++) out[i * V + v] = (float)(acc[(i - begin) * V + v] / J) * (float)scale;
+  }
+}
+
+template <typename Row>
 static void gather_mean_rows(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V, double scale,
                              float* out) {
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc((end - begin) * V, 0.0);
-    for (int64_t j = 0; j < J; j++) {  // one codebook's slice of the values at a time
-      for (int64_t i = begin; i < end; i++) {
-        if (i + AHEAD < end) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
-        const float* row = values + (int64_t)rows[i * J + j] * V;
-        double* a = acc.data() + (i - begin) * V;
-        for (int64_t v = 0; v < V; v++) a[v] += row[v];
-      }
-    }
-    for (int64_t i = begin; i < end; i++) {
-      for (int64_t v = 0; v < V; v++) out[i * V + v] = (float)(acc[(i - begin) * V + v] / J) * (float)scale;
-    }
+    gather_mean_rows_range(values, rows, B, J, V, scale, out, begin, end);
   });
 }
 
 template <typename Row>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static void scatter_rows_range(float* values, const Row* rows, const float* update, int64_t B, int64_t J,
+                               int64_t V, int64_t group, int64_t begin, int64_t end) {
+  for (int64_t j = begin * group; j < end * group; j++) {
+    for (int64_t i = 0; i < B; i++) {
+      if (i + AHEAD < B) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
+      float* row = values + (int64_t)rows[i * J + j] * V;
+      const float* u = update + i * V;
+      for (int64_t v = 0; v < V; v++) row[v] += u[v];
+    }
+  }
+}
+
+template <typename Row>
 static void scatter_rows(float* values, const Row* rows, const float* update, int64_t B, int64_t J, int64_t V,
                          int64_t group) {
   at::parallel_for(0, J / group, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin * group; j < end * group; j++) {
-      for (int64_t i = 0; i < B; i++) {
-        if (i + AHEAD < B) prefetch_row(values + (int64_t)rows[(i + AHEAD) * J + j] * V, V);
-        float* row = values + (int64_t)rows[i * J + j] * V;
-        const float* u = update + i * V;
-        for (int64_t v = 0; v < V; v++) row[v] += u[v];
-      }
-    }
+    scatter_rows_range(values, rows, update, B, J, V, group, begin, end);
   });
 }
 
@@ -89,27 +104,33 @@ typedef double doubles8 __attribute__((vector_size(64)));
 // gather_mean_rows sums them), and the row AHEAD_ROWS positions later is prefetched.
 template <int VV, typename Row>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-static void gather_mean_fixed(const float* values, const Row* rows, int64_t B, int64_t J, double scale, float* out) {
+static void gather_mean_fixed_range(const float* values, const Row* rows, int64_t B, int64_t J, double scale,
+                                    float* out, int64_t begin, int64_t end) {
   constexpr int CHUNKS = VV / 8, TAIL = VV % 8;
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    const int64_t last = end * J;
-    for (int64_t i = begin; i < end; i++) {
-      doubles8 sums[CHUNKS > 0 ? CHUNKS : 1] = {};
-      double tail_sums[TAIL > 0 ? TAIL : 1] = {};
-      for (int64_t p = i * J; p < (i + 1) * J; p++) {
-        if (p + AHEAD_ROWS < last) prefetch_row(values + (int64_t)rows[p + AHEAD_ROWS] * VV, VV);
-        const float* row = values + (int64_t)rows[p] * VV;
-        for (int c = 0; c < CHUNKS; c++) {
-          floats8 x;
-          std::memcpy(&x, row + 8 * c, sizeof x);
-          sums[c] += __builtin_convertvector(x, doubles8);
-        }
-        for (int v = 0; v < TAIL; v++) tail_sums[v] += row[8 * CHUNKS + v];
+  const int64_t last = end * J;
+  for (int64_t i = begin; i < end; i++) {
+    doubles8 sums[CHUNKS > 0 ? CHUNKS : 1] = {};
+    double tail_sums[TAIL > 0 ? TAIL : 1] = {};
+    for (int64_t p = i * J; p < (i + 1) * J; p++) {
+      if (p + AHEAD_ROWS < last) prefetch_row(values + (int64_t)rows[p + AHEAD_ROWS] * VV, VV);
+      const float* row = values + (int64_t)rows[p] * VV;
+      for (int c = 0; c < CHUNKS; c++) {
+        floats8 x;
+        std::memcpy(&x, row + 8 * c, sizeof x);
+        sums[c] += __builtin_convertvector(x, doubles8);
       }
-      for (int c = 0; c < CHUNKS; c++)
-        for (int v = 0; v < 8; v++) out[i * VV + 8 * c + v] = (float)(sums[c][v] / J) * (float)scale;
-      for (int v = 0; v < TAIL; v++) out[i * VV + 8 * CHUNKS + v] = (float)(tail_sums[v] / J) * (float)scale;
+      for (int v = 0; v < TAIL; v++) tail_sums[v] += row[8 * CHUNKS + v];
     }
+    for (int c = 0; c < CHUNKS; c++)
+      for (int v = 0; v < 8; v++) out[i * VV + 8 * c + v] = (float)(sums[c][v] / J) * (float)scale;
+    for (int v = 0; v < TAIL; v++) out[i * VV + 8 * CHUNKS + v] = (float)(tail_sums[v] / J) * (float)scale;
+  }
+}
+
+template <int VV, typename Row>
+static void gather_mean_fixed(const float* values, const Row* rows, int64_t B, int64_t J, double scale, float* out) {
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    gather_mean_fixed_range<VV>(values, rows, B, J, scale, out, begin, end);
   });
 }
 
@@ -118,32 +139,38 @@ static void gather_mean_fixed(const float* values, const Row* rows, int64_t B, i
 // its updates in sample order, as from scatter_rows and index_add_.
 template <int VV, typename Row>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-static void scatter_fixed(float* values, const Row* rows, const float* update, int64_t B, int64_t J) {
+static void scatter_fixed_range(float* values, const Row* rows, const float* update, int64_t B, int64_t J,
+                                int64_t first, int64_t end) {
   constexpr int CHUNKS = VV / 8, TAIL = VV % 8;
-  at::parallel_for(0, J, 1, [&](int64_t first, int64_t end) {
-    int64_t ahead_i = 0, ahead_j = first;  // the (sample, column) AHEAD_ROWS positions on, in this thread's order
-    auto advance = [&] { if (++ahead_j == end) { ahead_j = first; ahead_i++; } };
-    for (int64_t n = 0; n < AHEAD_ROWS && ahead_i < B; n++) advance();
-    for (int64_t i = 0; i < B; i++) {
-      floats8 u[CHUNKS > 0 ? CHUNKS : 1];
-      float tail_u[TAIL > 0 ? TAIL : 1];
-      for (int c = 0; c < CHUNKS; c++) std::memcpy(&u[c], update + i * VV + 8 * c, sizeof u[c]);
-      for (int v = 0; v < TAIL; v++) tail_u[v] = update[i * VV + 8 * CHUNKS + v];
-      for (int64_t j = first; j < end; j++) {
-        if (ahead_i < B) {
-          prefetch_row(values + (int64_t)rows[ahead_i * J + ahead_j] * VV, VV);
-          advance();
-        }
-        float* row = values + (int64_t)rows[i * J + j] * VV;
-        for (int c = 0; c < CHUNKS; c++) {
-          floats8 x;
-          std::memcpy(&x, row + 8 * c, sizeof x);
-          x += u[c];
-          std::memcpy(row + 8 * c, &x, sizeof x);
-        }
-        for (int v = 0; v < TAIL; v++) row[8 * CHUNKS + v] += tail_u[v];
+  int64_t ahead_i = 0, ahead_j = first;  // the (sample, column) AHEAD_ROWS positions on, in this thread's order
+  auto advance = [&] { if (++ahead_j == end) { ahead_j = first; ahead_i++; } };
+  for (int64_t n = 0; n < AHEAD_ROWS && ahead_i < B; n++) advance();
+  for (int64_t i = 0; i < B; i++) {
+    floats8 u[CHUNKS > 0 ? CHUNKS : 1];
+    float tail_u[TAIL > 0 ? TAIL : 1];
+    for (int c = 0; c < CHUNKS; c++) std::memcpy(&u[c], update + i * VV + 8 * c, sizeof u[c]);
+    for (int v = 0; v < TAIL; v++) tail_u[v] = update[i * VV + 8 * CHUNKS + v];
+    for (int64_t j = first; j < end; j++) {
+      if (ahead_i < B) {
+        prefetch_row(values + (int64_t)rows[ahead_i * J + ahead_j] * VV, VV);
+        advance();
       }
+      float* row = values + (int64_t)rows[i * J + j] * VV;
+      for (int c = 0; c < CHUNKS; c++) {
+        floats8 x;
+        std::memcpy(&x, row + 8 * c, sizeof x);
+        x += u[c];
+        std::memcpy(row + 8 * c, &x, sizeof x);
+      }
+      for (int v = 0; v < TAIL; v++) row[8 * CHUNKS + v] += tail_u[v];
     }
+  }
+}
+
+template <int VV, typename Row>
+static void scatter_fixed(float* values, const Row* rows, const float* update, int64_t B, int64_t J) {
+  at::parallel_for(0, J, 1, [&](int64_t begin, int64_t end) {
+    scatter_fixed_range<VV>(values, rows, update, B, J, begin, end);
   });
 }
 
@@ -250,7 +277,7 @@ void scatter_add(torch::Tensor values, torch::Tensor rows, torch::Tensor gradien
 def native_step():
     """The compiled module with ``gather_mean``, ``cross_entropy`` and ``scatter_add`` (see the module
     docstring), or None where it cannot be built (warned once)."""
-    return build_extension("avalanche_dkvb_fast_step_v7", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
+    return build_extension("avalanche_dkvb_fast_step_v8", _SOURCE, ("gather_mean", "cross_entropy", "scatter_add"),
                            "the fast path uses its torch kernels instead (same results, slower)")
 
 
