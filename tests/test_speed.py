@@ -12,7 +12,7 @@ from benchmarks import readme, speed
 
 NUMERIC = ("extraction_images_per_s", "extraction_eager_images_per_s", "extraction_speedup",
            "extraction_max_rel_error", "decode_images_per_s", "fast_step_ms", "generic_step_ms",
-           "fast_step_speedup", "fast_step_alone_ms", "fast_step_alone_speedup", "fast_step_spread_ms",
+           "fast_step_speedup", "fast_step_alone_ms", "fast_step_alone_speedup", "fast_step_warm_ms", "fast_step_spread_ms",
            "fast_step_spread_gb_per_s", "memory_copy_gb_per_s", "key_init_s_per_epoch_10k",
            "key_init_setup_s_per_10k", "key_init_s_10_epochs_50k",
            "eval_s_per_10k", "eval_used_key_fraction", "search_fused_s_per_1k", "search_matmul_s_per_1k", "threads",
@@ -67,6 +67,7 @@ def test_readme_speed_table_is_rendered_from_speed_json(tiny_speed, tmp_path, mo
     assert f"{tiny_speed['extraction_images_per_s']:.1f} img/s" in table
     assert f"{tiny_speed['generic_step_ms']:.1f} ms" in table
     assert f"{tiny_speed['fast_step_spread_ms']:.3f} ms" in table
+    assert f"{tiny_speed['fast_step_warm_ms']:.3f} ms" in table
     assert f"{tiny_speed['memory_copy_gb_per_s']:.1f} GB/s" in table
     assert f"{tiny_speed['search_fused_s_per_1k']:.3f} s" in table
     assert f"{tiny_speed['key_init_s_10_epochs_50k'] / 60:.1f} min" in table
