@@ -271,7 +271,7 @@ class WarmRows:
     the value rows from the caches, so the step runs at its kernels' speed. Iterates like ``batches``."""
 
     def __init__(self, batches, steps: int = 20) -> None:
-        kept = [(batches.current_rows, y) for _, y, _ in batches]  # a whole pass, so it counts its epoch
+        kept = [(batches.current_rows, y) for _, y, _ in batches]  # a whole pass: none left half-iterated
         self.batches = kept[:steps]
         self.current_rows: torch.Tensor | None = None
 
