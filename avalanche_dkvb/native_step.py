@@ -175,7 +175,7 @@ static void scatter_fixed(float* values, const Row* rows, const float* update, i
 }
 
 // The kernels for values of V floats a row: the fixed-size ones where V <= MAX_FIXED_V (scatter: also top-1 only),
-// else the general ones, which go codebook-major and so keep a codebook's rows in the caches for large rows.
+// else the general ones, which go codebook-major (for large rows no faster order was found: see the README).
 template <typename Row, int VV = 1>
 static void gather_mean_any(const float* values, const Row* rows, int64_t B, int64_t J, int64_t V, double scale,
                             float* out) {
