@@ -142,9 +142,9 @@ static void gather_mean_fixed(const float* values, const Row* rows, int64_t B, i
 
 // scatter_rows for V == VV and one column per codebook (top-1): each thread takes a range of columns and adds
 // sample by sample, the sample's update held in registers. A row belongs to one column, so it still receives
-// its updates in sample order, as from scatter_rows and index_add_. The tail (VV % 8 > 0, VV > 8) is the row's
-// last 8 floats, loaded with the rest before any store; its lanes before the tail add -0.0, which leaves every
-// float as it is, and it is stored first, so the vectors stored after it write those lanes' sums. The rows
+// its updates in sample order, as from scatter_rows and index_add_. A tail (VV % 8 > 0, VV > 8) goes as the row's
+// last 8 floats, one vector loaded with the others before any store and stored first: the vectors stored after it
+// overwrite its lanes before the tail (which add -0.0, so they hold the row's old floats until then). The rows
 // prefetched are those of a later sample, the first one at least AHEAD_ROWS positions on.
 template <int VV, typename Row>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
