@@ -320,39 +320,36 @@ def torch_threads(count: int | None):
 
 class FastStep:
     """The fast path's forward, loss (with the gradient), and SGD step for one experience, reading the
-    rows of the current minibatch from ``batches.current_rows``; each stage runs through ``kernels``."""
+    rows of the current minibatch from ``batches.current_rows``; each stage runs through ``kernels``.
+
+    Nothing here is recorded by autograd, with no ``torch.no_grad`` needed (it would cost more than the
+    loss's kernel): the kernels read and write the values' storage (the C++ ones) or a detached view of
+    it (the torch ones), so no output requires a gradient."""
 
     def __init__(self, model: DKVBModel, batches, label_smoothing: float, kernels: "Kernels"):
         self.bottleneck = model.bottleneck
         self.batches, self.label_smoothing, self.kernels = batches, label_smoothing, kernels
         self._gradient: torch.Tensor | None = None
 
-    @property
-    def _values(self) -> torch.Tensor:
-        return self.bottleneck.values.detach().view(-1, self.bottleneck.value_dim)  # shares storage
-
-    @torch.no_grad()
     def forward(self) -> torch.Tensor:
         """Training-mode logits (b, V) of the current batch (its source counts the selections)."""
-        return self.kernels.gather_mean(self._values, self.batches.current_rows, self.bottleneck.top_k_scale)
+        return self.kernels.gather_mean(self.bottleneck.values, self.batches.current_rows,
+                                        self.bottleneck.top_k_scale)
 
-    @torch.no_grad()
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` (b, V) against ``y`` (b,); keeps its gradient for the step."""
         loss, self._gradient = self.kernels.cross_entropy(logits, y, self.label_smoothing)
         return loss
 
-    @torch.no_grad()
     def backward(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """The gradient was computed with the loss; computed here only if the loss was not asked for."""
         if self._gradient is None:
-            self._gradient = logit_gradient(logits, y, self.label_smoothing)
+            self._gradient = logit_gradient(logits.detach(), y, self.label_smoothing)
 
-    @torch.no_grad()
     def step(self, lr: float) -> None:
         rows = self.batches.current_rows
         step = -lr * self.bottleneck.top_k_scale / rows.shape[1]  # dlogits/drow: top-k scale / (C*k)
-        self.kernels.scatter_update(self._values, rows, self._gradient, step, self.bottleneck.top_k)
+        self.kernels.scatter_update(self.bottleneck.values, rows, self._gradient, step, self.bottleneck.top_k)
         self._gradient = None
 
 
@@ -386,10 +383,11 @@ class Kernels:
                           stacklevel=3)
 
     def gather_mean(self, values: torch.Tensor, rows: torch.Tensor, scale: int) -> torch.Tensor:
-        """``scale`` * the mean of each sample's rows of ``values`` (R, V); rows (b, J) -> (b, V)."""
+        """``scale`` * the mean of each sample's rows of ``values`` (..., V), e.g. the (C, K, V) table,
+        whose rows are numbered as in its (R, V) view; rows (b, J) -> (b, V)."""
         if self.native is not None:
             return self.native.gather_mean(values, rows, scale)
-        logits = self._gather_mean(values, rows)
+        logits = self._gather_mean(_row_view(values), rows)
         return logits if scale == 1 else logits * scale
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float):
@@ -401,8 +399,14 @@ class Kernels:
 
     def scatter_update(self, values: torch.Tensor, rows: torch.Tensor, gradient: torch.Tensor, step: float,
                        group: int) -> None:
-        """values[rows[i, j]] += step * gradient[i] in place; ``group`` columns of rows per codebook."""
+        """values[rows[i, j]] += step * gradient[i] in place (rows of ``values`` (..., V) numbered as in
+        :meth:`gather_mean`); ``group`` columns of rows per codebook."""
         if self.native is not None:
             self.native.scatter_add(values, rows.contiguous(), gradient.contiguous(), step, group)
         else:
-            self._scatter_update(values, rows, gradient * step)
+            self._scatter_update(_row_view(values), rows, gradient * step)
+
+
+def _row_view(values: torch.Tensor) -> torch.Tensor:
+    """The (R, V) view of a value table (..., V), detached (it shares the storage)."""
+    return values.detach().view(-1, values.shape[-1])

@@ -54,6 +54,18 @@ def test_cross_entropy_and_gradient_equal_torch(kernels, smoothing):
     torch.testing.assert_close(gradient, autograd.grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 30.0, 3000.0])
+def test_cross_entropy_of_far_apart_logits_equals_torch(kernels, scale):
+    """Logits up to thousands apart (exp underflows below -708): loss and gradient as torch's."""
+    g = torch.Generator().manual_seed(4)
+    logits, y = scale * torch.randn(64, 7, generator=g), torch.randint(7, (64,), generator=g)
+    loss, gradient = kernels.cross_entropy(logits, y, 0.0)
+    autograd = logits.clone().requires_grad_()
+    F.cross_entropy(autograd, y).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gradient, autograd.grad, rtol=1e-5, atol=1e-8)
+
+
 def test_cross_entropy_refuses_a_label_out_of_range(kernels):
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]), 0.0)
