@@ -17,7 +17,8 @@ The fast step is the median wall-clock time of a training epoch of ``DKVB.train`
 loop, every callback fired, epoch accuracy and loss metrics on) per step, over ``--epochs`` epochs after a
 first one that warms up (compiles the kernels; computes the experience's key indices). The generic step is
 timed outside the loop (lookup, autograd, clip, SGD), so the fast step is also timed that way
-(``fast_step_alone_ms``: forward, loss with its gradient, update) for a like-for-like ratio, and once more
+(``fast_step_alone_ms``: forward, loss with its gradient, update) for a like-for-like ratio, the generic
+steps alternating with its passes (a machine's load drifts within seconds), and once more
 with no minibatch gather between the steps (``fast_step_warm_ms``: the (256, 1280) inputs of each batch
 no longer pass through the caches, so the value rows stay there). The stand-in
 clusters select few keys per codebook, so their rows stay in the caches; real embeddings spread over
@@ -172,8 +173,12 @@ def measure_bottleneck(args, device: torch.device) -> dict:
     print(f"fast step: {1e3 * fast_step_s:.3f} ms ({args.epochs} epochs x {steps_per_epoch} steps)", flush=True)
     alone = copy.deepcopy(trained)
     batches = CachedExperienceBatches(alone, experience.dataset.eval(), TRAIN_BATCH, True, device)
-    kernel_step_s = _time_fast_step_alone(alone, batches, args, device)
-    print(f"fast step outside the loop: {1e3 * kernel_step_s:.3f} ms", flush=True)
+    # The generic steps alternate with the passes of fast steps, so both are timed under the same load.
+    generic = GenericStep(copy.deepcopy(model), train_x, train_y, args.generic_steps, device)
+    kernel_step_s = _time_fast_step_alone(alone, batches, args, device, between_passes=generic.run_next)
+    generic_step_s = generic.median_seconds()
+    print(f"fast step outside the loop: {1e3 * kernel_step_s:.3f} ms; generic step: {1e3 * generic_step_s:.1f} ms",
+          flush=True)
     warm_step_s = _time_fast_step_alone(alone, WarmRows(batches), args, device)
     print(f"fast step with no minibatch gather between steps: {1e3 * warm_step_s:.3f} ms", flush=True)
     spread = copy.deepcopy(trained)
@@ -195,21 +200,6 @@ def measure_bottleneck(args, device: torch.device) -> dict:
         eval_s = time.perf_counter() - start
     search_s = _time_search(trained.bottleneck, test_x[:1024].to(device))
 
-    # One generic step, as Avalanche's loop runs it (minus data loading): lookup, autograd, clip, SGD.
-    generic = copy.deepcopy(model).train()
-    optimizer = torch.optim.SGD([generic.bottleneck.values], lr=0.3)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    step_times = []
-    for x, y in zip(train_x[:TRAIN_BATCH * args.generic_steps].split(TRAIN_BATCH), train_y.split(TRAIN_BATCH)):
-        x, y = x.to(device), y.to(device)
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        criterion(generic(x), y).backward()
-        torch.nn.utils.clip_grad_norm_([generic.bottleneck.values], 1.0)
-        optimizer.step()
-        _synchronize(device)
-        step_times.append(time.perf_counter() - start)
-    generic_step_s = statistics.median(step_times)
     return {
         "fast_step_ms": 1e3 * fast_step_s,
         "generic_step_ms": 1e3 * generic_step_s,
@@ -230,16 +220,19 @@ def measure_bottleneck(args, device: torch.device) -> dict:
     }
 
 
-def _time_fast_step_alone(model, batches, args, device: torch.device) -> float:
+def _time_fast_step_alone(model, batches, args, device: torch.device, between_passes=None) -> float:
     """Median seconds of one fast step (forward, loss with its gradient, update) timed like the generic
     step: outside Avalanche's loop, over ``1 + args.epochs`` passes of ``batches`` (the first warms up),
-    which yields minibatches ``[x, y, t]`` and sets ``current_rows`` to each one's rows."""
+    which yields minibatches ``[x, y, t]`` and sets ``current_rows`` to each one's rows.
+    ``between_passes()``, if given, runs before each timed pass, on the process's threads."""
     kernels = Kernels(compiled=args.fast_path == "compiled")
     kernels.prepare(model.bottleneck.values)
     step = FastStep(model, batches, 0.1, kernels)
     times = []
-    with torch_threads(args.fast_path_threads):
-        for _ in range(1 + args.epochs):  # the first epoch warms up
+    for epoch in range(1 + args.epochs):  # the first epoch warms up
+        if epoch > 0 and between_passes is not None:
+            between_passes()
+        with torch_threads(args.fast_path_threads):
             for _, y, _ in batches:
                 start = time.perf_counter()
                 logits = step.forward()
@@ -248,6 +241,37 @@ def _time_fast_step_alone(model, batches, args, device: torch.device) -> float:
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
     return statistics.median(times[len(batches):])
+
+
+class GenericStep:
+    """The generic step, as Avalanche's loop runs it (minus data loading): lookup, autograd, clip, SGD,
+    on the first ``steps`` batches of ``x`` (N, D), ``y`` (N,). :meth:`run_next` runs and times the next
+    one (nothing once all have run), so they can alternate with other timings."""
+
+    def __init__(self, model, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device) -> None:
+        self.model, self.device = model.train(), device
+        self.optimizer = torch.optim.SGD([model.bottleneck.values], lr=0.3)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.batches = list(zip(x[:TRAIN_BATCH * steps].split(TRAIN_BATCH), y.split(TRAIN_BATCH)))
+        self.seconds: list[float] = []
+
+    def run_next(self) -> None:
+        if len(self.seconds) == len(self.batches):
+            return
+        x, y = (t.to(self.device) for t in self.batches[len(self.seconds)])
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        self.criterion(self.model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_([self.model.bottleneck.values], 1.0)
+        self.optimizer.step()
+        _synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
+
+    def median_seconds(self) -> float:
+        """Median seconds of a step, after running those not yet run."""
+        while len(self.seconds) < len(self.batches):
+            self.run_next()
+        return statistics.median(self.seconds)
 
 
 def _copy_bandwidth(values: torch.Tensor, threads: int | None, repeats: int) -> float:
