@@ -11,7 +11,8 @@ selects. In torch that is a gather, a mean, a softmax, a one-hot target, a subtr
 
 Rows are read sample-major as the lookup returns them (no transpose). Sums over the J rows of a sample
 and the loss are accumulated in float64, and the cross-entropy's exponentials are float64 too, 8 at a time
-(:cpp:`exp_nonpositive`; on 5.6 million logits its loss and gradient were those of ``std::exp``, bit for bit); the update ``step * gradient[i]`` is rounded to float32 once
+(``exp_nonpositive``; on 5.6 million logits its loss and gradient were those of ``std::exp``, bit for bit);
+the update ``step * gradient[i]`` is rounded to float32 once
 and added to each selected row in the order (codebook, column, sample), the order in which the torch
 step's ``index_add_`` adds it. ``scatter_add`` runs groups of ``group`` consecutive columns in parallel
 (``at::parallel_for``): a group must hold the columns of one codebook (top-k), whose rows no other group
@@ -240,8 +241,8 @@ typedef int64_t longs8 __attribute__((vector_size(64)));
 
 // exp(x) of 8 values x <= 0 at once: 2^n exp(r) with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, the
 // first one times n exact), exp(r) by its Taylor series to degree 13 (|r| <= ln(2) / 2: truncated below 1e-17
-// relative). x is clamped at -708, where 2^n would leave the normal doubles: exp(-708) ~ 3e-308 is lost against a
-// softmax's norm (>= 1) and is 0 in float32, as exp(x) is. Within a few ulp of std::exp, one call for 8 values.
+// relative; the rest of the error is the series' rounding). x is clamped at -708, where 2^n would leave the normal
+// doubles: exp(-708) ~ 3e-308 is lost against a softmax's norm (>= 1) and is 0 in float32, as exp(x) is.
 static inline __attribute__((always_inline)) doubles8 exp_nonpositive(doubles8 x) {
   x = x < -708.0 ? doubles8{} - 708.0 : x;
   const doubles8 shifter = doubles8{} + 0x1.8p52;  // adding it rounds to an integer (round to nearest)
@@ -287,7 +288,8 @@ static double cross_entropy_rows(const float* x, const int64_t* y, int64_t B, in
     const double log_norm = tops[i] + std::log(norm);
     double loss = 0.0;  // summed in class order; the gradient's loop apart from it, so that one vectorises
     for (int64_t v = 0; v < V; v++) loss -= (double)((v == y[i] ? on : 0.0f) + off) * (xi[v] - log_norm);
-    for (int64_t v = 0; v < V; v++) g[i * V + v] = ((float)(ei[v] / norm) - ((v == y[i] ? on : 0.0f) + off)) / (float)B;
+    for (int64_t v = 0; v < V; v++)
+      g[i * V + v] = ((float)(ei[v] / norm) - ((v == y[i] ? on : 0.0f) + off)) / (float)B;
     total += loss;
   }
   return total;
