@@ -5,9 +5,11 @@ selects. In torch that is a gather, a mean, a softmax, a one-hot target, a subtr
 ``index_add_``: each a separate pass with its own dispatch and temporaries, on tensors as small as
 (256, 10), so the overheads exceed the arithmetic. These kernels do each stage in one pass:
 
-    gather_mean(values (R, V), rows (b, J), scale)            -> logits (b, V) = scale * mean_j values[rows[:, j]]
+    gather_mean(values (..., V), rows (b, J), scale)          -> logits (b, V) = scale * mean_j values[rows[:, j]]
     cross_entropy(logits (b, V), labels (b,), smoothing)      -> (loss (), dLoss/dlogits (b, V))
-    scatter_add(values (R, V), rows (b, J), gradient (b, V), step, group)   values[rows[i, j]] += step * gradient[i]
+    scatter_add(values (..., V), rows (b, J), gradient (b, V), step, group) values[rows[i, j]] += step * gradient[i]
+
+with rows numbered as in the (R, V) view of values (e.g. the (C, K, V) table itself).
 
 Rows are read sample-major as the lookup returns them (no transpose). Sums over the J rows of a sample
 and the loss are accumulated in float64, and the cross-entropy's exponentials are float64 too, 8 at a time
@@ -286,10 +288,10 @@ static double cross_entropy_rows(const float* x, const int64_t* y, int64_t B, in
     double norm = 0.0;
     for (int64_t v = 0; v < V; v++) norm += ei[v];
     const double log_norm = tops[i] + std::log(norm);
+    const auto target = [&](int64_t v) { return (v == y[i] ? on : 0.0f) + off; };
     double loss = 0.0;  // summed in class order; the gradient's loop apart from it, so that one vectorises
-    for (int64_t v = 0; v < V; v++) loss -= (double)((v == y[i] ? on : 0.0f) + off) * (xi[v] - log_norm);
-    for (int64_t v = 0; v < V; v++)
-      g[i * V + v] = ((float)(ei[v] / norm) - ((v == y[i] ? on : 0.0f) + off)) / (float)B;
+    for (int64_t v = 0; v < V; v++) loss -= (double)target(v) * (xi[v] - log_norm);
+    for (int64_t v = 0; v < V; v++) g[i * V + v] = ((float)(ei[v] / norm) - target(v)) / (float)B;
     total += loss;
   }
   return total;
