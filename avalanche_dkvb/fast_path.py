@@ -365,9 +365,12 @@ class Kernels:
         self._probed_on: set[str] = set()
 
     def prepare(self, values: torch.Tensor) -> None:
-        """Choose the kernels for ``values``' device and dtype; where compiling fails, warn and keep the
+        """Choose the kernels for ``values``' device and dtype (with the C++ kernels, also ask for huge pages
+        under the table: see :mod:`avalanche_dkvb.native_step`); where compiling fails, warn and keep the
         eager torch ops."""
         self.native = native_step() if self.compiled and can_use_native_step(values) else None
+        if self.native is not None:
+            self.native.collapse_to_huge_pages(values.detach())
         device = values.device
         if not self.compiled or self.native is not None or device.type in self._probed_on:
             return

@@ -1,5 +1,9 @@
 """The fast step's C++ kernels (avalanche_dkvb.native_step) against the torch step they replace."""
 
+import platform
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +108,25 @@ def test_kernels_choose_native_on_cpu_float32_only():
     assert can_use_native_step(values) and not can_use_native_step(values.double())
     compiled.prepare(values.double())
     assert compiled.native is None
+
+
+def _huge_pages_can_collapse() -> bool:
+    """Linux 6.1 or later (MADV_COLLAPSE) with transparent huge pages not switched off."""
+    if platform.system() != "Linux":
+        return False
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return (major, minor) >= (6, 1) and setting.exists() and "[never]" not in setting.read_text()
+
+
+def test_collapse_to_huge_pages_keeps_the_contents(kernels):
+    assert kernels.collapse_to_huge_pages(torch.randn(100, 10)) == 0  # no aligned 2 MiB inside it
+    table = torch.randn(4, 2**20)  # 16 MiB: at least 7 aligned huge pages, whatever its start
+    before = table.clone()
+    collapsed = kernels.collapse_to_huge_pages(table)
+    assert torch.equal(table, before)
+    assert collapsed % 2**21 == 0 and collapsed <= table.numel() * table.element_size()
+    if _huge_pages_can_collapse():
+        assert collapsed >= 7 * 2**21
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.collapse_to_huge_pages(table.t())
