@@ -24,8 +24,9 @@ same sums and the same order of additions per row. Built by :func:`avalanche_dkv
 None where it cannot be.
 
 ``collapse_to_huge_pages(values)`` asks Linux (6.1 or later) to back the value table with 2 MiB pages, its
-contents kept: the rows a step selects are scattered over the whole table, and with 4 KiB pages most of them
-also cost a page walk.
+contents kept: the rows a step selects are scattered over the whole table, and with 4 KiB pages many of them
+also cost a page walk. The first request copies the table (3 s for 839 MB, 200 classes); later ones find it
+done and cost nothing.
 """
 
 from __future__ import annotations
