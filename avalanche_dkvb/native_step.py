@@ -269,7 +269,6 @@ static inline __attribute__((always_inline)) doubles8 exp_nonpositive(doubles8 x
 // 8 at a time, one to a vector lane, so each one's chains (its maximum, its exponentials' sum and its loss, class
 // by class in class order) run beside 7 others instead of waiting on their own latency. The clones keep every
 // multiplication and addition apart (no fused multiply-add), so each computes the same bits.
-typedef int32_t ints8 __attribute__((vector_size(32)));
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=off")))
 static double cross_entropy_rows(const float* x, const int64_t* y, int64_t B, int64_t V, float on, float off,
                                  float* g) {
@@ -287,8 +286,6 @@ static double cross_entropy_rows(const float* x, const int64_t* y, int64_t B, in
     const int lanes = (int)std::min<int64_t>(8, B - first);
     longs8 labels = {};
     for (int k = 0; k < 8; k++) labels[k] = k < lanes ? y[first + k] : -1;
-    ints8 labels32 = {};
-    for (int k = 0; k < 8; k++) labels32[k] = (int32_t)labels[k];
     for (int64_t v = 0; v < V; v++)
       for (int k = 0; k < 8; k++) logit_lanes[8 * v + k] = k < lanes ? x[(first + k) * V + v] : 0.0;
     doubles8 top = load(logit_lanes, 0);
@@ -309,9 +306,8 @@ static double cross_entropy_rows(const float* x, const int64_t* y, int64_t B, in
       const doubles8 target = labels == v ? doubles8{} + (double)hit : doubles8{} + (double)off;
       loss -= target * (load(logit_lanes, v) - log_norm);
       const doubles8 softmax = load(exp_lanes, v) / norm;
-      floats8 softmax32;
-      for (int k = 0; k < 8; k++) softmax32[k] = (float)softmax[k];
-      const floats8 target32 = labels32 == (int32_t)v ? floats8{} + hit : floats8{} + off;
+      floats8 softmax32, target32;  // the target in float32 is hit or off again, exactly
+      for (int k = 0; k < 8; k++) softmax32[k] = (float)softmax[k], target32[k] = (float)target[k];
       const floats8 gradient = (softmax32 - target32) / divisor;
       for (int k = 0; k < lanes; k++) g[(first + k) * V + v] = gradient[k];
     }
@@ -378,7 +374,7 @@ int64_t collapse_to_huge_pages(torch::Tensor tensor) {
 def native_step():
     """The compiled module with ``gather_mean``, ``cross_entropy``, ``scatter_add`` and
     ``collapse_to_huge_pages`` (see the module docstring), or None where it cannot be built (warned once)."""
-    return build_extension("avalanche_dkvb_fast_step_v14", _SOURCE,
+    return build_extension("avalanche_dkvb_fast_step_v15", _SOURCE,
                            ("gather_mean", "cross_entropy", "scatter_add", "collapse_to_huge_pages"),
                            "the fast path uses its torch kernels instead (same results, slower)")
 
