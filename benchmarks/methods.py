@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training import EWC, GDumb, LwF, Naive, Replay, Cumulative
+from avalanche.training import EWC, GDumb, LwF, Naive, Cumulative
 from torch import nn
 
 from avalanche_dkvb import DKVB, CountValues, MomentValues, create_dkvb_model
 from avalanche_dkvb.baselines import CopyingSynapticIntelligence, NearestClassMean, RandomProjectionRidge
-from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin
+from avalanche_dkvb.in_memory_batches import InMemoryBatchesPlugin, InMemoryReplayPlugin
 from avalanche_dkvb.validation import check_non_negative_float, check_positive_float, check_positive_int
 
 
@@ -80,9 +80,11 @@ def _mlp(s: MethodSettings) -> nn.Module:
     return nn.Sequential(nn.Linear(s.input_dim, 128), nn.ReLU(), nn.Linear(128, s.num_classes))
 
 
-def _sgd(strategy_cls, model: nn.Module, s: MethodSettings, evaluator, in_memory: bool = True, **kwargs):
-    """An SGD-trained Avalanche strategy with the baseline protocol."""
-    plugins = [GradientClipPlugin(1.0)] + ([InMemoryBatchesPlugin()] if in_memory else [])
+def _sgd(strategy_cls, model: nn.Module, s: MethodSettings, evaluator, loader: SupervisedPlugin | None = None,
+         **kwargs):
+    """An SGD-trained Avalanche strategy with the baseline protocol; ``loader`` builds its minibatches from
+    in-memory tensors (default ``InMemoryBatchesPlugin``)."""
+    plugins = [GradientClipPlugin(1.0), loader or InMemoryBatchesPlugin()]
     epochs = s.epochs if s.baseline_epochs is None else s.baseline_epochs
     return strategy_cls(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=s.baseline_lr),
                         criterion=nn.CrossEntropyLoss(label_smoothing=0.1), train_mb_size=256,
@@ -130,7 +132,8 @@ SGD_METHODS = {
     "ewc": lambda s, ev: _sgd(EWC, _linear(s), s, ev, ewc_lambda=s.ewc_lambda),
     "lwf": lambda s, ev: _sgd(LwF, _linear(s), s, ev, alpha=s.lwf_alpha, temperature=2.0),
     "si": lambda s, ev: _sgd(CopyingSynapticIntelligence, _linear(s), s, ev, si_lambda=s.si_lambda),
-    "replay": lambda s, ev: _sgd(Replay, _linear(s), s, ev, in_memory=False, mem_size=s.memory),
+    # Avalanche's Replay strategy is Naive with a ReplayPlugin; this one slices the same minibatches from tensors
+    "replay": lambda s, ev: _sgd(Naive, _linear(s), s, ev, loader=InMemoryReplayPlugin(mem_size=s.memory)),
     "gdumb": lambda s, ev: _sgd(GDumb, _linear(s), s, ev, mem_size=s.memory),
     "joint": lambda s, ev: _sgd(Cumulative, _linear(s), s, ev),
 }
