@@ -41,6 +41,8 @@ class InMemoryBatchesPlugin(SupervisedPlugin):
     adapted dataset (Naive, EWC, LwF, SI, GDumb, Cumulative), not those that replace the loader
     themselves (Replay: use :class:`InMemoryReplayPlugin` instead)."""
 
+    dkvb_fast_path_exact = True  # it only replaces the loader, which DKVB's fast path then iterates
+
     def before_training_exp(self, strategy, **kwargs):
         strategy.dataloader = TensorBatches(strategy.adapted_dataset, strategy.train_mb_size,
                                             shuffle=kwargs.get("shuffle", True))
@@ -77,6 +79,8 @@ class InMemoryReplayPlugin(ReplayPlugin):
 
     Only the default loader options: a task-balanced buffer loader or ``drop_last`` raise ``ValueError``.
     """
+
+    dkvb_fast_path_exact = True  # as ReplayPlugin: DKVB's fast path iterates the loader it puts in place
 
     def __init__(self, mem_size: int = 200, batch_size: int | None = None, batch_size_mem: int | None = None,
                  task_balanced_dataloader: bool = False, storage_policy=None):

@@ -18,6 +18,7 @@ from torch import nn
 
 from avalanche_dkvb import DKVB, DKVBPlugin, create_dkvb_model, ema_init_keys
 from avalanche_dkvb.fast_path import RowsByContent, gradient_norm_bound, plugin_blocker, row_dtype
+from avalanche_dkvb.in_memory_batches import InMemoryReplayPlugin
 
 KEY_INIT = {"epochs": 5, "batch_size": 64}
 
@@ -160,6 +161,14 @@ def test_replay_plugin_buffer_is_trained_on(make_model, init_data, toy_stream):
     assert fast.plugins[0].seen == [True] * 12
     assert_same_training(fast, slow)
     # the buffer was trained on: without it the values end elsewhere (before the fix they were identical)
+    plain, _ = train_pair(lambda model: [], make_model, init_data, toy_stream)
+    assert not torch.allclose(fast.model.bottleneck.values, plain.model.bottleneck.values, atol=1e-3)
+
+
+def test_in_memory_replay_plugin_buffer_is_trained_on(make_model, init_data, toy_stream):
+    fast, slow = train_pair(lambda model: [InMemoryReplayPlugin(mem_size=40)], make_model, init_data, toy_stream)
+    assert fast.plugins[0].seen == [True] * 12
+    assert_same_training(fast, slow)
     plain, _ = train_pair(lambda model: [], make_model, init_data, toy_stream)
     assert not torch.allclose(fast.model.bottleneck.values, plain.model.bottleneck.values, atol=1e-3)
 
