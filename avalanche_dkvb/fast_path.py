@@ -162,10 +162,26 @@ def row_dtype(num_rows: int) -> torch.dtype:
     return torch.int32 if num_rows <= torch.iinfo(torch.int32).max else torch.long
 
 
+def dataloader_order(n: int, shuffle: bool) -> torch.Tensor | None:
+    """The sample order (n,) of one epoch of torch's ``DataLoader`` over n samples, as Avalanche's default
+    training loader (one task label) draws it, or None for 0..n-1 without shuffling.
+
+    It takes from torch's global RNG what that loader takes, in the same order: one int64 for the
+    iterator's base seed, then, when shuffling, one to seed ``RandomSampler``'s generator, which draws
+    the permutation. So the fast path's minibatches, and every later random draw (which samples a replay
+    buffer keeps), are the loader's. This repeats torch's internals (no public API yields a loader's
+    order without fetching its samples); ``tests/test_fast_path.py`` compares it with the real loader."""
+    torch.empty((), dtype=torch.int64).random_()  # _BaseDataLoaderIter's base seed
+    if not shuffle:
+        return None
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 class CachedExperienceBatches:
     """Minibatches ``[x, y, t]`` of one experience's dataset, materialised once with each sample's
-    selected rows (N, C*k). Iterating yields ``len(self)`` batches of ``batch_size`` (a fresh
-    permutation from torch's global RNG each time when ``shuffle``), sets :attr:`current_rows`
+    selected rows (N, C*k). Iterating yields ``len(self)`` batches of ``batch_size`` in the order of
+    an epoch of Avalanche's default loader (:func:`dataloader_order`), sets :attr:`current_rows`
     (b, C*k) to the rows of the batch just yielded, and adds the epoch's key selections to the usage
     counters when the epoch ends (once, not per step).
 
@@ -177,7 +193,8 @@ class CachedExperienceBatches:
     def __init__(self, model: DKVBModel, dataset, batch_size: int, shuffle: bool, device):
         xs, ys, ts, rows = [], [], [], []
         with torch.no_grad():  # the training lookup searches all keys, dormant or not
-            for x, y, t, *_ in DataLoader(dataset, batch_size=max(batch_size, 1024)):
+            # its own generator: the global RNG stays as the off path leaves it (see dataloader_order)
+            for x, y, t, *_ in DataLoader(dataset, batch_size=max(batch_size, 1024), generator=torch.Generator()):
                 x = x.to(device)
                 rows.append(model.bottleneck.flat_indices(model.embed(x), only_used=False))
                 xs.append(x)
@@ -195,7 +212,8 @@ class CachedExperienceBatches:
 
     def __iter__(self):
         n = len(self.targets)
-        order = torch.randperm(n, device=self.targets.device) if self.shuffle else None
+        order = dataloader_order(n, self.shuffle)
+        order = None if order is None else order.to(self.targets.device)
         consumed = 0
         try:
             for start in range(0, n, self.batch_size):

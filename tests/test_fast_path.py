@@ -17,7 +17,7 @@ from avalanche.training.plugins import EvaluationPlugin, GDumbPlugin, LRSchedule
 from torch import nn
 
 from avalanche_dkvb import DKVB, DKVBPlugin, create_dkvb_model, ema_init_keys
-from avalanche_dkvb.fast_path import RowsByContent, gradient_norm_bound, plugin_blocker, row_dtype
+from avalanche_dkvb.fast_path import RowsByContent, dataloader_order, gradient_norm_bound, plugin_blocker, row_dtype
 from avalanche_dkvb.in_memory_batches import InMemoryReplayPlugin
 
 KEY_INIT = {"epochs": 5, "batch_size": 64}
@@ -36,17 +36,6 @@ class FastPathProbe(SupervisedPlugin):
         self.seen.append(strategy.uses_fast_path)
 
 
-class SeedEachEpoch(SupervisedPlugin):
-    """Re-seeds torch's RNG after every epoch. The fast path draws from it differently from a DataLoader
-    between epochs (a DataLoader draws a seed per epoch even without shuffling), so what a plugin picks at
-    random afterwards (a replay buffer's samples) is only comparable with the RNG re-seeded."""
-
-    dkvb_fast_path_exact = True
-
-    def after_training_epoch(self, strategy, **kwargs):
-        torch.manual_seed(strategy.clock.train_exp_epochs)
-
-
 def initialised(model, init_data):
     ema_init_keys(model.bottleneck, init_data, generator=torch.Generator().manual_seed(0), **KEY_INIT)
     model.bottleneck.freeze_keys()
@@ -58,19 +47,20 @@ def make_dkvb(model, evaluator, fast_path, plugins=(), epochs=3, **kwargs):
                 fast_path=fast_path, plugins=list(plugins), **kwargs)
 
 
-def train_pair(make_plugins, make_model, init_data, toy_stream, epochs=3, fast_mode="eager", **kwargs):
+def train_pair(make_plugins, make_model, init_data, toy_stream, epochs=3, fast_mode="eager", shuffle=False,
+               **kwargs):
     """The same initialised model trained by DKVB on the fast path and with fast_path="off", each
-    with fresh plugins from ``make_plugins(model)``, without shuffling; returns (fast, slow) strategies."""
+    with fresh plugins from ``make_plugins(model)``, from the same seed; returns (fast, slow) strategies."""
     fast_model = initialised(make_model(), init_data)
     slow_model = copy.deepcopy(fast_model)
     fast = make_dkvb(fast_model, EvaluationPlugin(), fast_mode,
-                     [FastPathProbe(), SeedEachEpoch(), *make_plugins(fast_model)], epochs=epochs, **kwargs)
-    slow = make_dkvb(slow_model, EvaluationPlugin(), "off", [SeedEachEpoch(), *make_plugins(slow_model)],
+                     [FastPathProbe(), *make_plugins(fast_model)], epochs=epochs, **kwargs)
+    slow = make_dkvb(slow_model, EvaluationPlugin(), "off", make_plugins(slow_model),
                      epochs=epochs, **kwargs)
     for strategy in (fast, slow):  # one after the other from the same seed: buffers draw random samples
         torch.manual_seed(0)
         for exp in toy_stream.train_stream:
-            strategy.train(exp, shuffle=False)
+            strategy.train(exp, shuffle=shuffle)
     return fast, slow
 
 
@@ -165,6 +155,39 @@ def test_replay_plugin_buffer_is_trained_on(make_model, init_data, toy_stream):
     assert not torch.allclose(fast.model.bottleneck.values, plain.model.bottleneck.values, atol=1e-3)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dataloader_order_is_avalanches_default_loaders(shuffle, toy_stream):
+    """dataloader_order draws what Avalanche's default training loader draws: same minibatches, and the
+    global RNG left in the same state (so a replay buffer later picks the same samples)."""
+    model = nn.Linear(2, 8)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=16)
+    experience = toy_stream.train_stream[1]
+    strategy.experience, strategy.adapted_dataset = experience, experience.dataset.train()
+    strategy.make_train_dataloader(shuffle=shuffle)
+    inputs = torch.stack([experience.dataset[i][0] for i in range(len(experience.dataset))])
+    torch.manual_seed(3)
+    loader_batches = [x for epoch in range(2) for x, *_ in strategy.dataloader]
+    after_loader = torch.rand(4)
+    torch.manual_seed(3)
+    orders = [dataloader_order(len(inputs), shuffle) for epoch in range(2)]
+    ours = [inputs[order[i:i + 16]] if order is not None else inputs[i:i + 16]
+            for order in orders for i in range(0, len(inputs), 16)]
+    assert len(ours) == len(loader_batches) == 6
+    assert all(torch.equal(a, b) for a, b in zip(ours, loader_batches))
+    assert torch.equal(torch.rand(4), after_loader)
+
+
+@pytest.mark.parametrize("make_plugins", [lambda model: [ReplayPlugin(mem_size=40)], lambda model: []],
+                         ids=["replay", "plain"])
+def test_shuffled_training_equals_the_standard_loop(make_plugins, make_model, init_data, toy_stream):
+    """With shuffling and no re-seeding the fast path takes the loader's minibatches and leaves the RNG as
+    the loader does, so a replay buffer keeps the same samples and the values end where they end off."""
+    fast, slow = train_pair(make_plugins, make_model, init_data, toy_stream, shuffle=True)
+    assert fast.plugins[0].seen == [True] * 12
+    assert_same_training(fast, slow)
+
+
 def test_in_memory_replay_plugin_buffer_is_trained_on(make_model, init_data, toy_stream):
     fast, slow = train_pair(lambda model: [InMemoryReplayPlugin(mem_size=40)], make_model, init_data, toy_stream)
     assert fast.plugins[0].seen == [True] * 12
@@ -237,10 +260,10 @@ def test_dkvb_with_replay_plugin_equals_dkvb_plugin_inside_avalanche_replay(make
     fast_model = initialised(make_model(), init_data)
     replay_model = copy.deepcopy(fast_model)
     fast = make_dkvb(fast_model, EvaluationPlugin(), "eager",
-                     [FastPathProbe(), SeedEachEpoch(), ReplayPlugin(mem_size=40)], label_smoothing=0.1)
+                     [FastPathProbe(), ReplayPlugin(mem_size=40)], label_smoothing=0.1)
     replay = Replay(model=replay_model, optimizer=torch.optim.SGD(replay_model.parameters(), lr=0.3),
                     criterion=nn.CrossEntropyLoss(label_smoothing=0.1), mem_size=40, train_mb_size=16,
-                    train_epochs=3, eval_mb_size=256, evaluator=EvaluationPlugin(), plugins=[SeedEachEpoch(), DKVBPlugin()])
+                    train_epochs=3, eval_mb_size=256, evaluator=EvaluationPlugin(), plugins=[DKVBPlugin()])
     for strategy in (fast, replay):
         torch.manual_seed(0)
         for exp in toy_stream.train_stream:
